@@ -1,0 +1,20 @@
+//! gRPC contracts between the gateway and the backend services, and the API-key format they share.
+
+#[allow(clippy::all, clippy::pedantic, rust_2018_idioms)]
+pub mod billing {
+    pub mod v1 {
+        tonic::include_proto!("billing.v1");
+    }
+}
+
+#[allow(clippy::all, clippy::pedantic, rust_2018_idioms)]
+pub mod usage {
+    pub mod v1 {
+        tonic::include_proto!("usage.v1");
+    }
+}
+
+pub mod api_key;
+
+/// Encoded descriptors of all packages, for `tonic-reflection`.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("descriptors");
