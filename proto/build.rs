@@ -2,7 +2,10 @@
 use protox::prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["protos/billing/v1/billing.proto", "protos/usage/v1/usage.proto"];
+    let files = [
+        "protos/billing/v1/billing.proto",
+        "protos/usage/v1/usage.proto",
+    ];
     let descriptors = protox::compile(files, ["protos"])?;
 
     let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);

@@ -1,1 +1,103 @@
-//! placeholder
+//! The billing service: money and identity in PostgreSQL, served over gRPC.
+//!
+//! Layout:
+//! - `config`: settings from flags and the environment
+//! - `clock`: the injectable source of "now"
+//! - `domain`: newtypes, validation and the pure rules (status over time, periods, key minting)
+//! - `store`: every SQL statement
+//! - `changes`: the entitlement change feed (LISTEN/NOTIFY fan-out to watchers)
+//! - `auth`: bearer-token checks for the admin and internal APIs
+//! - `grpc`: the transport adapter between proto and domain
+//! - `error`: the service's error type and its mapping to gRPC status
+
+pub mod auth;
+pub mod changes;
+pub mod clock;
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod grpc;
+pub mod store;
+
+use std::{future::Future, sync::Arc};
+
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Server, server::TcpIncoming};
+
+use proto::billing::v1::{
+    billing_admin_server::BillingAdminServer, entitlements_server::EntitlementsServer,
+};
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use config::Config;
+
+/// The schema migrations, run at start-up by `main` and by the test harness.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
+
+/// The bearer tokens billing requires: one for `BillingAdmin`, another for `Entitlements`.
+#[derive(Clone)]
+pub struct Tokens {
+    /// Required by every `BillingAdmin` call.
+    pub admin: String,
+    /// Required by every `Entitlements` call.
+    pub service: String,
+}
+
+/// Serves billing's gRPC APIs (with health and reflection) on `listener` until `shutdown` completes, then
+/// ends open change streams and drains in-flight calls.
+pub async fn serve(
+    listener: TcpListener,
+    db: PgPool,
+    tokens: Tokens,
+    clock: Arc<dyn Clock>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let stop = CancellationToken::new();
+    let feed = changes::ChangeFeed::start(db.clone(), stop.clone()).await?;
+    let state = grpc::State { db, clock };
+    let admin = BillingAdminServer::with_interceptor(
+        grpc::AdminApi::new(state.clone()),
+        auth::BearerAuth::new(&tokens.admin),
+    );
+    let entitlements = EntitlementsServer::with_interceptor(
+        grpc::EntitlementsApi::new(state, feed),
+        auth::BearerAuth::new(&tokens.service),
+    );
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<BillingAdminServer<grpc::AdminApi>>()
+        .await;
+    health
+        .set_serving::<EntitlementsServer<grpc::EntitlementsApi>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let stop_accepting = async move {
+        shutdown.await;
+        // Lets load balancers stop routing here, and ends change streams so draining can finish.
+        health
+            .set_not_serving::<BillingAdminServer<grpc::AdminApi>>()
+            .await;
+        health
+            .set_not_serving::<EntitlementsServer<grpc::EntitlementsApi>>()
+            .await;
+        stop.cancel();
+    };
+    Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(reflection_alpha)
+        .add_service(admin)
+        .add_service(entitlements)
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener), stop_accepting)
+        .await?;
+    Ok(())
+}

@@ -47,7 +47,9 @@ pub fn is_well_formed(key: &str) -> bool {
         return false;
     }
     let (body, sum) = key.split_at(KEY_LEN - CHECKSUM_LEN);
-    body[PREFIX.len()..].bytes().all(|byte| byte.is_ascii_alphanumeric())
+    body[PREFIX.len()..]
+        .bytes()
+        .all(|byte| byte.is_ascii_alphanumeric())
         && sum.as_bytes() == checksum(body)
 }
 

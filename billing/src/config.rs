@@ -1,0 +1,99 @@
+//! Billing's settings, from flags or the environment (DESIGN §9).
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use anyhow::{Context, bail};
+
+/// Runtime settings for billing. Every field can be set from the environment; secrets may instead be read
+/// from a file named by the `*_FILE` variable.
+#[derive(Clone, clap::Parser)] // no Debug: the database URL and tokens are secrets
+#[command(
+    name = "billing",
+    about = "paygate billing: customers, plans, subscriptions, payments, credits, keys"
+)]
+pub struct Config {
+    /// Address the gRPC server listens on.
+    #[arg(long, env = "BILLING_LISTEN_ADDR", default_value = "0.0.0.0:50051")]
+    pub listen_addr: SocketAddr,
+    /// PostgreSQL connection string (required, or DATABASE_URL_FILE).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// File holding the PostgreSQL connection string.
+    #[arg(long, env = "DATABASE_URL_FILE")]
+    pub database_url_file: Option<PathBuf>,
+    /// Bearer token the admin API requires (required, or BILLING_ADMIN_TOKEN_FILE; at least 16 characters).
+    #[arg(long, env = "BILLING_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// File holding the admin token.
+    #[arg(long, env = "BILLING_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// Bearer token the internal Entitlements API requires (required, or PAYGATE_SERVICE_TOKEN_FILE; at
+    /// least 16 characters, different from the admin token).
+    #[arg(long, env = "PAYGATE_SERVICE_TOKEN", hide_env_values = true)]
+    pub service_token: Option<String>,
+    /// File holding the service token.
+    #[arg(long, env = "PAYGATE_SERVICE_TOKEN_FILE")]
+    pub service_token_file: Option<PathBuf>,
+    /// Largest number of PostgreSQL connections billing holds.
+    #[arg(long, env = "BILLING_DB_MAX_CONNECTIONS", default_value_t = 20)]
+    pub db_max_connections: u32,
+}
+
+/// The secrets of a `Config`, resolved from their values or files and checked.
+pub struct Secrets {
+    pub database_url: String,
+    pub tokens: crate::Tokens,
+}
+
+impl Config {
+    /// Resolves each secret from its variable or its `*_FILE`, and checks the tokens; the error names the
+    /// variable to set.
+    pub fn secrets(&self) -> anyhow::Result<Secrets> {
+        let database_url =
+            resolve_secret("DATABASE_URL", &self.database_url, &self.database_url_file)?;
+        let admin = resolve_secret(
+            "BILLING_ADMIN_TOKEN",
+            &self.admin_token,
+            &self.admin_token_file,
+        )?;
+        let service = resolve_secret(
+            "PAYGATE_SERVICE_TOKEN",
+            &self.service_token,
+            &self.service_token_file,
+        )?;
+        for (name, token) in [
+            ("BILLING_ADMIN_TOKEN", &admin),
+            ("PAYGATE_SERVICE_TOKEN", &service),
+        ] {
+            if token.chars().count() < 16 {
+                bail!("{name} must be at least 16 characters");
+            }
+        }
+        if admin == service {
+            bail!("BILLING_ADMIN_TOKEN and PAYGATE_SERVICE_TOKEN must differ");
+        }
+        Ok(Secrets {
+            database_url,
+            tokens: crate::Tokens { admin, service },
+        })
+    }
+}
+
+fn resolve_secret(
+    name: &str,
+    value: &Option<String>,
+    file: &Option<PathBuf>,
+) -> anyhow::Result<String> {
+    let secret = match (value, file) {
+        (Some(value), _) => value.clone(),
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .with_context(|| format!("failed to read {name}_FILE `{}`", path.display()))?
+            .trim_end_matches(['\r', '\n'])
+            .to_owned(),
+        (None, None) => bail!("{name} is required (or {name}_FILE)"),
+    };
+    if secret.is_empty() {
+        bail!("{name} is empty");
+    }
+    Ok(secret)
+}

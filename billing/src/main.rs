@@ -1,0 +1,70 @@
+//! Starts billing: settings, logging, PostgreSQL, migrations, then the gRPC server until SIGINT/SIGTERM.
+
+use std::{process::ExitCode, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use clap::Parser;
+use sqlx::postgres::PgPoolOptions;
+use tokio::net::TcpListener;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let config = billing::Config::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    match run(config).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            // One line, so the cause is readable in any log collector.
+            eprintln!("billing: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: billing::Config) -> anyhow::Result<()> {
+    let secrets = config.secrets()?;
+    let db = PgPoolOptions::new()
+        .max_connections(config.db_max_connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(&secrets.database_url)
+        .await
+        .context("failed to connect to postgres")?;
+    billing::MIGRATOR
+        .run(&db)
+        .await
+        .context("failed to run migrations")?;
+    let listener = TcpListener::bind(config.listen_addr)
+        .await
+        .with_context(|| format!("failed to listen on {}", config.listen_addr))?;
+    tracing::info!(addr = %config.listen_addr, "billing listening");
+    billing::serve(
+        listener,
+        db,
+        secrets.tokens,
+        Arc::new(billing::SystemClock),
+        shutdown_signal(),
+    )
+    .await
+}
+
+/// Completes on SIGINT or SIGTERM, logging which arrived.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    let mut terminate =
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(signal) => signal,
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM; only SIGINT stops billing");
+                let _ = interrupt.await;
+                return;
+            }
+        };
+    tokio::select! {
+        _ = interrupt => tracing::info!("SIGINT received, shutting down"),
+        _ = terminate.recv() => tracing::info!("SIGTERM received, shutting down"),
+    }
+}
