@@ -73,12 +73,8 @@ pub async fn serve(
     health
         .set_serving::<EntitlementsServer<grpc::EntitlementsApi>>()
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
+    let reflection = reflection_builder().build_v1()?;
+    let reflection_alpha = reflection_builder().build_v1alpha()?; // older grpcurl and tools speak only v1alpha
 
     let stop_accepting = async move {
         shutdown.await;
@@ -100,4 +96,14 @@ pub async fn serve(
         .serve_with_incoming_shutdown(TcpIncoming::from(listener), stop_accepting)
         .await?;
     Ok(())
+}
+
+/// Describes billing's services (not usage's, which share the descriptor set) plus health for reflection.
+fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .with_service_name("billing.v1.BillingAdmin")
+        .with_service_name("billing.v1.Entitlements")
+        .with_service_name("grpc.health.v1.Health")
 }

@@ -4,8 +4,13 @@ use std::{process::ExitCode, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use clap::Parser;
-use sqlx::postgres::PgPoolOptions;
+use sqlx::{
+    Connection, PgConnection,
+    postgres::{PgConnectOptions, PgPoolOptions},
+};
 use tokio::net::TcpListener;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -27,10 +32,20 @@ async fn main() -> ExitCode {
 
 async fn run(config: billing::Config) -> anyhow::Result<()> {
     let secrets = config.secrets()?;
+    let options: PgConnectOptions = secrets
+        .database_url
+        .parse()
+        .context("DATABASE_URL is not a valid PostgreSQL connection string")?;
+    // One direct attempt first: a pool reports only "timed out", this reports why (refused, bad password).
+    let probe = tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(&options))
+        .await
+        .context("failed to connect to postgres: timed out")?
+        .context("failed to connect to postgres")?;
+    probe.close().await.ok();
     let db = PgPoolOptions::new()
         .max_connections(config.db_max_connections)
-        .acquire_timeout(Duration::from_secs(5))
-        .connect(&secrets.database_url)
+        .acquire_timeout(CONNECT_TIMEOUT)
+        .connect_with(options)
         .await
         .context("failed to connect to postgres")?;
     billing::MIGRATOR
