@@ -136,6 +136,13 @@ CREATE TABLE usage_reports (
     created_at     timestamptz NOT NULL DEFAULT now()
 );
 
+-- Each reported entry is applied once by its id, whichever report carries it.
+CREATE TABLE usage_entries (
+    entry_id   text PRIMARY KEY CHECK (length(entry_id) BETWEEN 1 AND 128),
+    report_id  text NOT NULL REFERENCES usage_reports (report_id),
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+
 CREATE TABLE usage_totals (
     subscription_id uuid NOT NULL REFERENCES subscriptions (id),
     period_start    timestamptz NOT NULL,

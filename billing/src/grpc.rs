@@ -1707,16 +1707,19 @@ impl pb::entitlements_server::Entitlements for EntitlementsApi {
         let mut seen = std::collections::HashSet::new();
         let mut canonical = vec![report.report_id.clone()];
         for entry in &report.entries {
+            domain::check_length("entry_id", &entry.entry_id, 1, 128)?;
             let customer = CustomerId::parse(&entry.customer_id)?;
             let subscription = SubscriptionId::parse(&entry.subscription_id)?;
             let period_start = parse_timestamp("period_start", entry.period_start.as_ref())?;
-            if !seen.insert((subscription, period_start)) {
+            if !seen.insert(entry.entry_id.as_str()) {
                 return Err(BillingError::InvalidArgument(format!(
-                    "subscription `{subscription}` appears twice for one period"
+                    "entry `{}` appears twice in the report",
+                    entry.entry_id
                 ))
                 .into());
             }
             canonical.extend([
+                entry.entry_id.clone(),
                 entry.customer_id.clone(),
                 entry.subscription_id.clone(),
                 period_start.unix_timestamp_nanos().to_string(),
@@ -1724,6 +1727,7 @@ impl pb::entitlements_server::Entitlements for EntitlementsApi {
                 entry.credits_micros.to_string(),
             ]);
             entries.push((
+                entry.entry_id.as_str(),
                 customer,
                 subscription,
                 period_start,
@@ -1734,7 +1738,10 @@ impl pb::entitlements_server::Entitlements for EntitlementsApi {
         let digest = request_digest(&canonical.iter().map(String::as_str).collect::<Vec<_>>());
         let replay = |existing: Vec<u8>| -> Result<Response<pb::ReportUsageResponse>, Status> {
             if existing == digest {
-                Ok(Response::new(pb::ReportUsageResponse { duplicate: true }))
+                Ok(Response::new(pb::ReportUsageResponse {
+                    duplicate: true,
+                    applied_entries: 0,
+                }))
             } else {
                 Err(BillingError::AlreadyExists(format!(
                     "report `{}` was applied with different contents",
@@ -1762,7 +1769,15 @@ impl pb::entitlements_server::Entitlements for EntitlementsApi {
                 .ok_or(BillingError::NotFound("usage report"))?;
             return replay(existing);
         }
-        for (customer, subscription, period_start, units, credits) in entries {
+        let mut applied_entries = 0;
+        for (entry_id, customer, subscription, period_start, units, credits) in entries {
+            if !store::insert_usage_entry(&mut *tx, entry_id, &report.report_id)
+                .await
+                .map_err(BillingError::from)?
+            {
+                continue;
+            }
+            applied_entries += 1;
             let owner = store::subscription_owner(&mut *tx, subscription)
                 .await
                 .map_err(BillingError::from)?
@@ -1778,11 +1793,7 @@ impl pb::entitlements_server::Entitlements for EntitlementsApi {
                 .map_err(BillingError::from)?;
             if credits != 0 {
                 let kind = if credits > 0 { "usage" } else { "refund" };
-                let reference = format!(
-                    "usage:{}:{subscription}:{}",
-                    report.report_id,
-                    period_start.unix_timestamp_nanos()
-                );
+                let reference = format!("usage:{entry_id}");
                 store::append_ledger_entry(&mut *tx, customer, kind, -credits, &reference, "")
                     .await
                     .map_err(BillingError::from)?
@@ -1794,7 +1805,10 @@ impl pb::entitlements_server::Entitlements for EntitlementsApi {
             }
         }
         tx.commit().await.map_err(BillingError::from)?;
-        Ok(Response::new(pb::ReportUsageResponse { duplicate: false }))
+        Ok(Response::new(pb::ReportUsageResponse {
+            duplicate: false,
+            applied_entries,
+        }))
     }
 
     #[tracing::instrument(skip_all)]

@@ -711,6 +711,23 @@ pub async fn insert_usage_report(
     Ok(inserted.rows_affected() == 1)
 }
 
+/// Records that a usage entry is applied as part of `report_id`; `false` when it had been applied before.
+pub async fn insert_usage_entry(
+    db: impl PgExecutor<'_>,
+    entry_id: &str,
+    report_id: &str,
+) -> sqlx::Result<bool> {
+    let inserted = sqlx::query!(
+        r#"INSERT INTO usage_entries (entry_id, report_id) VALUES ($1, $2)
+           ON CONFLICT (entry_id) DO NOTHING"#,
+        entry_id,
+        report_id,
+    )
+    .execute(db)
+    .await?;
+    Ok(inserted.rows_affected() == 1)
+}
+
 /// Returns the content digest of an applied usage report, or `None` when the id is new.
 pub async fn usage_report_digest(
     db: impl PgExecutor<'_>,
