@@ -6,11 +6,9 @@
 //! - `domain`: newtypes, validation and the pure rules (status over time, periods, key minting)
 //! - `store`: every SQL statement
 //! - `changes`: the entitlement change feed (LISTEN/NOTIFY fan-out to watchers)
-//! - `auth`: bearer-token checks for the admin and internal APIs
 //! - `grpc`: the transport adapter between proto and domain
 //! - `error`: the service's error type and its mapping to gRPC status
 
-pub mod auth;
 pub mod changes;
 pub mod clock;
 pub mod config;
@@ -59,11 +57,11 @@ pub async fn serve(
     let state = grpc::State { db, clock };
     let admin = BillingAdminServer::with_interceptor(
         grpc::AdminApi::new(state.clone()),
-        auth::BearerAuth::new(&tokens.admin),
+        proto::auth::BearerAuth::new(&tokens.admin),
     );
     let entitlements = EntitlementsServer::with_interceptor(
         grpc::EntitlementsApi::new(state, feed),
-        auth::BearerAuth::new(&tokens.service),
+        proto::auth::BearerAuth::new(&tokens.service),
     );
 
     let (health, health_service) = tonic_health::server::health_reporter();

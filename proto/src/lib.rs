@@ -1,4 +1,5 @@
-//! gRPC contracts between the gateway and the backend services, and the API-key format they share.
+//! gRPC contracts between the gateway and the backend services, with the two pieces of the contract that
+//! are code: the API-key format and the bearer-token check.
 
 #[allow(clippy::all, clippy::pedantic, rust_2018_idioms)]
 pub mod billing {
@@ -15,6 +16,7 @@ pub mod usage {
 }
 
 pub mod api_key;
+pub mod auth;
 
 /// Encoded descriptors of all packages, for `tonic-reflection`.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("descriptors");

@@ -1,8 +1,10 @@
-//! Bearer-token checks: the admin token for `BillingAdmin`, the service token for `Entitlements`.
+//! Bearer tokens on gRPC calls, both sides of the contract: every paygate API requires
+//! `authorization: Bearer <token>` (the admin token for `BillingAdmin`, the service token for the internal
+//! APIs). Shared so the header format and the constant-time check cannot drift between services.
 
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use tonic::{Request, Status, service::Interceptor};
+use tonic::{Request, Status, metadata::MetadataValue, service::Interceptor};
 
 /// Admits calls whose `authorization` metadata is `Bearer <token>` for one expected token.
 #[derive(Clone)]
@@ -39,6 +41,31 @@ impl Interceptor for BearerAuth {
     }
 }
 
+/// Adds `authorization: Bearer <token>` to every outgoing call.
+#[derive(Clone)]
+pub struct BearerToken {
+    header: MetadataValue<tonic::metadata::Ascii>,
+}
+
+impl BearerToken {
+    /// Returns an interceptor that sends `token`; `None` when the token is not valid in a header.
+    pub fn new(token: &str) -> Option<Self> {
+        let mut header: MetadataValue<tonic::metadata::Ascii> =
+            format!("Bearer {token}").parse().ok()?;
+        header.set_sensitive(true);
+        Some(Self { header })
+    }
+}
+
+impl Interceptor for BearerToken {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        request
+            .metadata_mut()
+            .insert("authorization", self.header.clone());
+        Ok(request)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -51,6 +78,18 @@ mod tests {
                 .insert("authorization", value.parse().expect("ascii header"));
         }
         auth.call(request).map(|_| ())
+    }
+
+    #[test]
+    fn a_client_token_is_admitted_by_the_matching_check() {
+        let mut client = BearerToken::new("s3cret-token-value").expect("valid token");
+        let mut server = BearerAuth::new("s3cret-token-value");
+
+        let request = client
+            .call(Request::new(()))
+            .expect("client interceptor never fails");
+
+        assert!(server.call(request).is_ok());
     }
 
     #[test]
