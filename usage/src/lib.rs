@@ -1,6 +1,155 @@
-//! The usage service: hot counters (rate windows, period quotas, spendable credits) in Redis.
+//! The usage service: exact admission (rate limit, period quota, prepaid credits) in one Redis round trip,
+//! and the spending reports that turn admissions into billing's usage records and ledger rows.
 //!
-//! Its contract is `proto::usage::v1::Usage`; the implementation lands with the usage-service issue.
+//! Layout:
+//! - `config`: settings from flags and the environment
+//! - `counters`: every Redis key and Lua script (`scripts/*.lua`)
+//! - `grpc`: the `usage.v1.Usage` transport adapter
+//! - `reports`: ships sealed spending to billing, exactly once per entry
+//! - `feed`: applies billing's credit changes to loaded balances
+//! - `error`: the service's error type and its mapping to gRPC status
 
-/// Name of the gRPC service this crate implements, for health reporting.
-pub const SERVICE_NAME: &str = "usage.v1.Usage";
+pub mod config;
+pub mod counters;
+pub mod error;
+pub mod feed;
+pub mod grpc;
+pub mod reports;
+
+use std::{future::Future, time::Duration};
+
+use anyhow::{Context, bail};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Endpoint, Server, server::TcpIncoming};
+
+use proto::{
+    auth::BearerToken, billing::v1::entitlements_client::EntitlementsClient,
+    usage::v1::usage_server::UsageServer,
+};
+
+pub use config::Config;
+pub use counters::{Counters, Keys};
+pub use grpc::BillingClient;
+
+/// Settings `serve` needs beyond its connections.
+#[derive(Clone)]
+pub struct Settings {
+    /// The token callers must present (and usage sends to billing).
+    pub service_token: String,
+    /// How often spending is reported to billing.
+    pub report_interval: Duration,
+}
+
+/// Connects to Redis (one multiplexed connection that reconnects on its own).
+pub async fn connect_redis(url: &str) -> anyhow::Result<redis::aio::ConnectionManager> {
+    let client = redis::Client::open(url).context("REDIS_URL is not a valid Redis URL")?;
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(5)))
+        .set_response_timeout(Some(Duration::from_secs(5)));
+    client
+        .get_connection_manager_with_config(config)
+        .await
+        .context("failed to connect to redis")
+}
+
+/// Refuses Redis setups that can lose spending silently: no append-only file, or an eviction policy that
+/// may drop balances and outboxes. `allow_volatile` (development only) turns the refusal into a warning.
+pub async fn check_durability(counters: &Counters, allow_volatile: bool) -> anyhow::Result<()> {
+    let durability = counters
+        .durability()
+        .await
+        .context("failed to read redis INFO")?;
+    let mut problems = Vec::new();
+    if !durability.aof_enabled {
+        problems
+            .push("appendonly is off (set `appendonly yes`, `appendfsync everysec`)".to_owned());
+    }
+    if durability.maxmemory_policy != "noeviction" {
+        problems.push(format!(
+            "maxmemory-policy is `{}` (set `noeviction`)",
+            durability.maxmemory_policy
+        ));
+    }
+    match (problems.is_empty(), allow_volatile) {
+        (true, _) => Ok(()),
+        (false, true) => {
+            tracing::warn!(problems = %problems.join("; "), "redis may lose counters; allowed by USAGE_ALLOW_VOLATILE_REDIS");
+            Ok(())
+        }
+        (false, false) => bail!(
+            "redis may lose counters: {}; or set USAGE_ALLOW_VOLATILE_REDIS=true for development",
+            problems.join("; ")
+        ),
+    }
+}
+
+/// Returns a billing client that sends `token` on every call; it connects on first use.
+pub fn billing_client(url: &str, token: &str) -> anyhow::Result<BillingClient> {
+    let endpoint = Endpoint::from_shared(url.to_owned())
+        .with_context(|| format!("BILLING_URL `{url}` is not a valid URL"))?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true);
+    let token =
+        BearerToken::new(token).context("PAYGATE_SERVICE_TOKEN is not valid in a header")?;
+    Ok(EntitlementsClient::with_interceptor(
+        endpoint.connect_lazy(),
+        token,
+    ))
+}
+
+/// Serves `usage.v1.Usage` (with health) on `listener` until `shutdown` completes; meanwhile reports
+/// spending to billing and follows billing's credit changes. On shutdown it drains in-flight calls, then
+/// reports what is pending before returning.
+pub async fn serve(
+    listener: TcpListener,
+    counters: Counters,
+    billing: BillingClient,
+    settings: Settings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let dirty = grpc::DirtyCustomers::default();
+    let stop = CancellationToken::new();
+    let reporter = reports::Reporter::new(counters.clone(), billing.clone(), dirty.clone());
+    let reporting = tokio::spawn(reporter.run(settings.report_interval, stop.clone()));
+    let following =
+        tokio::spawn(feed::FeedFollower::new(counters.clone(), billing.clone()).run(stop.clone()));
+
+    let api = UsageServer::with_interceptor(
+        grpc::UsageApi::new(counters, billing, dirty),
+        proto::auth::BearerAuth::new(&settings.service_token),
+    );
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<UsageServer<grpc::UsageApi>>().await;
+    let stop_accepting = async move {
+        shutdown.await;
+        health
+            .set_not_serving::<UsageServer<grpc::UsageApi>>()
+            .await;
+    };
+    let reflection = reflection_builder().build_v1()?;
+    let reflection_alpha = reflection_builder().build_v1alpha()?; // older grpcurl and tools speak only v1alpha
+    let served = Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(reflection_alpha)
+        .add_service(api)
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener), stop_accepting)
+        .await;
+
+    // Every admission is in Redis now; report it before going.
+    stop.cancel();
+    let _ = following.await;
+    let _ = reporting.await;
+    served?;
+    Ok(())
+}
+
+/// Describes usage's service (not billing's, which share the descriptor set) plus health for reflection.
+fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .with_service_name("usage.v1.Usage")
+        .with_service_name("grpc.health.v1.Health")
+}

@@ -1,0 +1,94 @@
+//! Usage's settings, from flags or the environment (DESIGN §9).
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use anyhow::{Context, bail};
+
+/// Runtime settings for usage. Every field can be set from the environment; secrets may instead be read
+/// from a file named by the `*_FILE` variable.
+#[derive(Clone, clap::Parser)] // no Debug: the Redis URL and the token are secrets
+#[command(
+    name = "usage",
+    about = "paygate usage: exact admission (rate, quota, credits) in Redis",
+    after_help = "Logging: RUST_LOG sets the log filter (default `info`)."
+)]
+pub struct Config {
+    /// Address the gRPC server listens on.
+    #[arg(long, env = "USAGE_LISTEN_ADDR", default_value = "0.0.0.0:50052")]
+    pub listen_addr: SocketAddr,
+    /// Redis URL (required, or REDIS_URL_FILE), e.g. redis://127.0.0.1:6379.
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+    /// File holding the Redis URL.
+    #[arg(long, env = "REDIS_URL_FILE")]
+    pub redis_url_file: Option<PathBuf>,
+    /// Where billing's gRPC API is.
+    #[arg(long, env = "BILLING_URL", default_value = "http://127.0.0.1:50051")]
+    pub billing_url: String,
+    /// Bearer token usage requires of its callers and sends to billing (required, or
+    /// PAYGATE_SERVICE_TOKEN_FILE; at least 16 characters).
+    #[arg(long, env = "PAYGATE_SERVICE_TOKEN", hide_env_values = true)]
+    pub service_token: Option<String>,
+    /// File holding the service token.
+    #[arg(long, env = "PAYGATE_SERVICE_TOKEN_FILE")]
+    pub service_token_file: Option<PathBuf>,
+    /// Prefix of every Redis key usage writes (several deployments can share one Redis).
+    #[arg(long, env = "USAGE_KEY_PREFIX", default_value = "paygate")]
+    pub key_prefix: String,
+    /// How often spending is reported to billing, in milliseconds.
+    #[arg(long, env = "USAGE_REPORT_INTERVAL_MS", default_value_t = 1000)]
+    pub report_interval_ms: u64,
+    /// Start even when Redis keeps no append-only file or may evict keys (development only: a Redis
+    /// restart then forgets counters, and eviction can forget spending).
+    #[arg(long, env = "USAGE_ALLOW_VOLATILE_REDIS", default_value_t = false)]
+    pub allow_volatile_redis: bool,
+}
+
+/// The secrets of a `Config`, resolved from their values or files.
+pub struct Secrets {
+    pub redis_url: String,
+    pub service_token: String,
+}
+
+impl Config {
+    /// Resolves each secret from its variable or its `*_FILE`; the error names the variable to set.
+    pub fn secrets(&self) -> anyhow::Result<Secrets> {
+        let redis_url = resolve_secret("REDIS_URL", &self.redis_url, &self.redis_url_file)?;
+        let service_token = resolve_secret(
+            "PAYGATE_SERVICE_TOKEN",
+            &self.service_token,
+            &self.service_token_file,
+        )?;
+        if service_token.chars().count() < 16 {
+            bail!("PAYGATE_SERVICE_TOKEN must be at least 16 characters");
+        }
+        Ok(Secrets {
+            redis_url,
+            service_token,
+        })
+    }
+
+    /// Returns the report interval.
+    pub fn report_interval(&self) -> Duration {
+        Duration::from_millis(self.report_interval_ms.max(10))
+    }
+}
+
+fn resolve_secret(
+    name: &str,
+    value: &Option<String>,
+    file: &Option<PathBuf>,
+) -> anyhow::Result<String> {
+    let secret = match (value, file) {
+        (Some(value), _) => value.clone(),
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .with_context(|| format!("failed to read {name}_FILE `{}`", path.display()))?
+            .trim_end_matches(['\r', '\n'])
+            .to_owned(),
+        (None, None) => bail!("{name} is required (or {name}_FILE)"),
+    };
+    if secret.is_empty() {
+        bail!("{name} is empty");
+    }
+    Ok(secret)
+}

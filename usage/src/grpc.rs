@@ -1,0 +1,432 @@
+//! The transport adapter: `usage.v1.Usage` requests in, validation, counters, proto answers out.
+
+use std::{
+    collections::{BTreeSet, HashSet},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use prost_types::Timestamp;
+use tonic::{
+    Request, Response, Status, service::interceptor::InterceptedService, transport::Channel,
+};
+use uuid::Uuid;
+
+use proto::{
+    auth::BearerToken,
+    billing::v1::{self as billing_pb, entitlements_client::EntitlementsClient},
+    usage::v1 as pb,
+};
+
+use crate::{
+    counters::{Admission, Counters, Decision, Overage, Verdict},
+    error::UsageError,
+};
+
+/// A client of billing's internal API, carrying the service token.
+pub type BillingClient = EntitlementsClient<InterceptedService<Channel, BearerToken>>;
+
+/// How long usage waits for billing on the request path (a credit load).
+pub const BILLING_DEADLINE: Duration = Duration::from_secs(2);
+const MAX_BATCH: usize = 1_000;
+
+/// Customers whose outbox has spending that billing has not yet been sent.
+#[derive(Clone, Default)]
+pub struct DirtyCustomers(Arc<Mutex<HashSet<Uuid>>>);
+
+impl DirtyCustomers {
+    /// Notes that `customer` has spending to report.
+    pub fn mark(&self, customer: Uuid) {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(customer);
+    }
+
+    /// Notes several customers at once.
+    pub fn mark_all(&self, customers: impl IntoIterator<Item = Uuid>) {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .extend(customers);
+    }
+
+    /// Takes every noted customer, leaving none.
+    pub fn take(&self) -> Vec<Uuid> {
+        std::mem::take(
+            &mut *self
+                .0
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        )
+        .into_iter()
+        .collect()
+    }
+}
+
+/// Serves `usage.v1.Usage`.
+#[derive(Clone)]
+pub struct UsageApi {
+    counters: Counters,
+    billing: BillingClient,
+    dirty: DirtyCustomers,
+}
+
+impl UsageApi {
+    /// Returns the API over `counters`, loading credit balances from `billing` and noting spenders in
+    /// `dirty` for the reporter.
+    pub fn new(counters: Counters, billing: BillingClient, dirty: DirtyCustomers) -> Self {
+        Self {
+            counters,
+            billing,
+            dirty,
+        }
+    }
+
+    async fn load_credits(&self, customer: Uuid) -> Result<(), UsageError> {
+        let mut request = Request::new(billing_pb::GetCreditBalanceRequest {
+            customer_id: customer.to_string(),
+        });
+        request.set_timeout(BILLING_DEADLINE);
+        let balance = self
+            .billing
+            .clone()
+            .get_credit_balance(request)
+            .await
+            .map_err(UsageError::Billing)?
+            .into_inner();
+        self.counters
+            .load_credits(customer, balance.balance_micros, balance.as_of_sequence)
+            .await?;
+        tracing::info!(customer_id = %customer, "credits loaded from billing");
+        Ok(())
+    }
+
+    async fn decide(&self, admission: &Admission) -> Result<Decision, UsageError> {
+        let mut decision = self.counters.admit(admission).await?;
+        if decision.verdict == Verdict::CreditsNotLoaded {
+            self.load_credits(admission.customer).await?;
+            decision = self.counters.admit(admission).await?;
+        }
+        if decision.verdict == Verdict::CreditsNotLoaded {
+            return Err(UsageError::Redis(redis::RedisError::from((
+                redis::ErrorKind::Parse,
+                "credits still not loaded after loading them",
+            ))));
+        }
+        if decision.verdict == Verdict::Admitted && !decision.replayed {
+            self.dirty.mark(admission.customer);
+        }
+        Ok(decision)
+    }
+}
+
+fn invalid(message: impl Into<String>) -> UsageError {
+    UsageError::InvalidArgument(message.into())
+}
+
+fn parse_uuid(field: &str, text: &str) -> Result<Uuid, UsageError> {
+    Uuid::parse_str(text).map_err(|_| invalid(format!("`{field}` must be a UUID")))
+}
+
+fn timestamp_ms(field: &str, value: Option<&Timestamp>) -> Result<i64, UsageError> {
+    let value = value.ok_or_else(|| invalid(format!("`{field}` is required")))?;
+    if !(0..1_000_000_000).contains(&value.nanos) {
+        return Err(invalid(format!("`{field}` must be a valid timestamp")));
+    }
+    value
+        .seconds
+        .checked_mul(1000)
+        .and_then(|ms| ms.checked_add(i64::from(value.nanos / 1_000_000)))
+        .ok_or_else(|| invalid(format!("`{field}` must be a valid timestamp")))
+}
+
+fn timestamp_of_ms(ms: i64) -> Timestamp {
+    Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: i32::try_from(ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
+    }
+}
+
+fn check_request_id(request_id: &str) -> Result<(), UsageError> {
+    let valid = !request_id.is_empty()
+        && request_id.len() <= 128
+        && request_id.bytes().all(|byte| byte.is_ascii_graphic());
+    if valid {
+        Ok(())
+    } else {
+        Err(invalid(
+            "`request_id` must be 1 to 128 visible ASCII characters",
+        ))
+    }
+}
+
+fn parse_admission(request: &pb::AdmitRequest) -> Result<Admission, UsageError> {
+    check_request_id(&request.request_id)?;
+    let customer = parse_uuid("customer_id", &request.customer_id)?;
+    let subscription = parse_uuid("subscription_id", &request.subscription_id)?;
+    if request.units < 1 {
+        return Err(invalid(format!(
+            "`units` must be at least 1, got {}",
+            request.units
+        )));
+    }
+    let limits = request
+        .limits
+        .as_ref()
+        .ok_or_else(|| invalid("`limits` is required"))?;
+    if limits.included_units < 0 {
+        return Err(invalid("`limits.included_units` must not be negative"));
+    }
+    if limits.rate_limit > 0 && (limits.rate_period_ms == 0 || limits.burst == 0) {
+        return Err(invalid(
+            "`limits.rate_period_ms` and `limits.burst` must be positive when rate limited",
+        ));
+    }
+    let overage = match billing_pb::OverageMode::try_from(limits.overage_mode) {
+        Ok(billing_pb::OverageMode::Block) => Overage::Block,
+        Ok(billing_pb::OverageMode::Credits) if limits.unit_price_micros > 0 => Overage::Credits {
+            unit_price_micros: limits.unit_price_micros,
+        },
+        Ok(billing_pb::OverageMode::Credits) => {
+            return Err(invalid(
+                "`limits.unit_price_micros` must be positive with credits overage",
+            ));
+        }
+        _ => return Err(invalid("`limits.overage_mode` is required")),
+    };
+    let period_start_ms = timestamp_ms("period_start", request.period_start.as_ref())?;
+    let period_end_ms = timestamp_ms("period_end", request.period_end.as_ref())?;
+    if period_end_ms <= period_start_ms {
+        return Err(invalid("`period_end` must be after `period_start`"));
+    }
+    // Every unit must be payable without overflowing in the script (Lua numbers are doubles).
+    if let Overage::Credits { unit_price_micros } = overage
+        && request
+            .units
+            .checked_mul(unit_price_micros)
+            .is_none_or(|cost| cost > 1 << 52)
+    {
+        return Err(invalid("`units` × `unit_price_micros` is too large"));
+    }
+    Ok(Admission {
+        request_id: request.request_id.clone(),
+        customer,
+        subscription,
+        units: request.units,
+        rate_limit: limits.rate_limit,
+        rate_period_ms: limits.rate_period_ms,
+        burst: limits.burst,
+        included_units: limits.included_units,
+        overage,
+        period_start_ms,
+        period_end_ms,
+    })
+}
+
+fn decision_to_proto(decision: &Decision, period_end_ms: i64) -> pb::AdmitResponse {
+    let verdict = match decision.verdict {
+        Verdict::Admitted => pb::Decision::Admitted,
+        Verdict::RateLimited => pb::Decision::RateLimited,
+        Verdict::QuotaExhausted => pb::Decision::QuotaExhausted,
+        Verdict::CreditsExhausted => pb::Decision::CreditsExhausted,
+        Verdict::CreditsNotLoaded => pb::Decision::Unspecified,
+    };
+    pb::AdmitResponse {
+        decision: verdict.into(),
+        replayed: decision.replayed,
+        quota_used: decision.quota_used,
+        quota_limit: decision.quota_limit,
+        quota_resets_at: Some(timestamp_of_ms(period_end_ms)),
+        units_from_quota: decision.units_from_quota,
+        credits_taken_micros: decision.credits_taken,
+        credits_remaining_micros: decision.credits_remaining,
+        retry_after_ms: decision.retry_after_ms,
+        rate_remaining: decision.rate_remaining,
+        rate_reset_ms: decision.rate_reset_ms,
+        error: String::new(),
+    }
+}
+
+fn failed_decision() -> pb::AdmitResponse {
+    pb::AdmitResponse {
+        error: "this request could not be decided".to_owned(),
+        ..Default::default()
+    }
+}
+
+#[tonic::async_trait]
+impl pb::usage_server::Usage for UsageApi {
+    #[tracing::instrument(skip_all, fields(customer_id = %request.get_ref().customer_id))]
+    async fn admit(
+        &self,
+        request: Request<pb::AdmitRequest>,
+    ) -> Result<Response<pb::AdmitResponse>, Status> {
+        let admission = parse_admission(request.get_ref())?;
+        let decision = self.decide(&admission).await?;
+        Ok(Response::new(decision_to_proto(
+            &decision,
+            admission.period_end_ms,
+        )))
+    }
+
+    #[tracing::instrument(skip_all, fields(requests = request.get_ref().requests.len()))]
+    async fn admit_batch(
+        &self,
+        request: Request<pb::AdmitBatchRequest>,
+    ) -> Result<Response<pb::AdmitBatchResponse>, Status> {
+        let batch = request.into_inner();
+        if batch.requests.len() > MAX_BATCH {
+            return Err(invalid(format!("a batch carries at most {MAX_BATCH} requests")).into());
+        }
+        let admissions = batch
+            .requests
+            .iter()
+            .enumerate()
+            .map(|(index, request)| {
+                parse_admission(request).map_err(|error| match error {
+                    UsageError::InvalidArgument(message) => {
+                        invalid(format!("request {index}: {message}"))
+                    }
+                    other => other,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+
+        let mut results = self
+            .counters
+            .admit_many(&admissions)
+            .await
+            .map_err(UsageError::from)?;
+        let unloaded: BTreeSet<Uuid> = results
+            .iter()
+            .zip(&admissions)
+            .filter(|(result, _)| matches!(result, Ok(decision) if decision.verdict == Verdict::CreditsNotLoaded))
+            .map(|(_, admission)| admission.customer)
+            .collect();
+        if !unloaded.is_empty() {
+            let mut loaded = HashSet::new();
+            for customer in unloaded {
+                match self.load_credits(customer).await {
+                    Ok(()) => {
+                        loaded.insert(customer);
+                    }
+                    Err(error) => {
+                        tracing::warn!(customer_id = %customer, %error, "credit load failed")
+                    }
+                }
+            }
+            for (result, admission) in results.iter_mut().zip(&admissions) {
+                if matches!(result, Ok(decision) if decision.verdict == Verdict::CreditsNotLoaded) {
+                    *result = if loaded.contains(&admission.customer) {
+                        self.counters.admit(admission).await
+                    } else {
+                        Err(redis::RedisError::from((
+                            redis::ErrorKind::Io,
+                            "credits could not be loaded",
+                        )))
+                    };
+                }
+            }
+        }
+
+        let mut decisions = Vec::with_capacity(results.len());
+        for (result, admission) in results.into_iter().zip(&admissions) {
+            decisions.push(match result {
+                Ok(decision) if decision.verdict != Verdict::CreditsNotLoaded => {
+                    if decision.verdict == Verdict::Admitted && !decision.replayed {
+                        self.dirty.mark(admission.customer);
+                    }
+                    decision_to_proto(&decision, admission.period_end_ms)
+                }
+                Ok(_) => failed_decision(),
+                Err(error) => {
+                    tracing::error!(customer_id = %admission.customer, %error, "admission failed");
+                    failed_decision()
+                }
+            });
+        }
+        Ok(Response::new(pb::AdmitBatchResponse { decisions }))
+    }
+
+    #[tracing::instrument(skip_all, fields(customer_id = %request.get_ref().customer_id))]
+    async fn refund(
+        &self,
+        request: Request<pb::RefundRequest>,
+    ) -> Result<Response<pb::RefundResponse>, Status> {
+        check_request_id(&request.get_ref().request_id)?;
+        let customer = parse_uuid("customer_id", &request.get_ref().customer_id)?;
+        let refunded = self
+            .counters
+            .refund(customer, &request.get_ref().request_id)
+            .await
+            .map_err(UsageError::from)?;
+        if refunded.refunded {
+            self.dirty.mark(customer);
+            tracing::info!(customer_id = %customer, units = refunded.units, credits = refunded.credits, "admission refunded");
+        }
+        Ok(Response::new(pb::RefundResponse {
+            refunded: refunded.refunded,
+            units: refunded.units,
+            credits_micros: refunded.credits,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(customer_id = %request.get_ref().customer_id))]
+    async fn grant_credits(
+        &self,
+        request: Request<pb::GrantCreditsRequest>,
+    ) -> Result<Response<pb::GrantCreditsResponse>, Status> {
+        let grant = request.into_inner();
+        let customer = parse_uuid("customer_id", &grant.customer_id)?;
+        if grant.reference.is_empty() || grant.reference.len() > 512 {
+            return Err(invalid("`reference` must be 1 to 512 characters").into());
+        }
+        if grant.delta_micros == 0 || grant.sequence < 0 {
+            return Err(
+                invalid("`delta_micros` must not be zero and `sequence` not negative").into(),
+            );
+        }
+        let (applied, balance) = self
+            .counters
+            .grant(
+                customer,
+                &grant.reference,
+                grant.delta_micros,
+                grant.sequence,
+            )
+            .await
+            .map_err(UsageError::from)?;
+        Ok(Response::new(pb::GrantCreditsResponse {
+            applied,
+            balance_micros: balance,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(customer_id = %request.get_ref().customer_id))]
+    async fn get_usage(
+        &self,
+        request: Request<pb::GetUsageRequest>,
+    ) -> Result<Response<pb::GetUsageResponse>, Status> {
+        let query = request.into_inner();
+        let customer = parse_uuid("customer_id", &query.customer_id)?;
+        let subscription = parse_uuid("subscription_id", &query.subscription_id)?;
+        let period_start_ms = timestamp_ms("period_start", query.period_start.as_ref())?;
+        let figures = self
+            .counters
+            .usage(customer, subscription, period_start_ms)
+            .await
+            .map_err(UsageError::from)?;
+        Ok(Response::new(pb::GetUsageResponse {
+            units_used: figures.units_used,
+            credits_remaining_micros: figures.credits_remaining,
+            unreported_units: figures.unreported_units,
+            unreported_credits_micros: figures.unreported_credits,
+        }))
+    }
+}
+
+/// Returns the period start of a sealed entry as a proto timestamp.
+pub fn period_start_timestamp(period_start_ms: i64) -> Timestamp {
+    timestamp_of_ms(period_start_ms)
+}

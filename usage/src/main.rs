@@ -1,0 +1,63 @@
+//! Starts usage: settings, logging, Redis (checked for durability), then the gRPC server until
+//! SIGINT/SIGTERM, and a last usage report before exiting.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use tokio::net::TcpListener;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let config = usage::Config::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    match run(config).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            // One line, so the cause is readable in any log collector.
+            eprintln!("usage: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: usage::Config) -> anyhow::Result<()> {
+    let secrets = config.secrets()?;
+    let redis = usage::connect_redis(&secrets.redis_url).await?;
+    let counters = usage::Counters::new(redis, usage::Keys::new(config.key_prefix.clone()))
+        .await
+        .context("failed to load the admission script into redis")?;
+    usage::check_durability(&counters, config.allow_volatile_redis).await?;
+    let billing = usage::billing_client(&config.billing_url, &secrets.service_token)?;
+    let listener = TcpListener::bind(config.listen_addr)
+        .await
+        .with_context(|| format!("failed to listen on {}", config.listen_addr))?;
+    tracing::info!(addr = %config.listen_addr, "usage listening");
+    let settings = usage::Settings {
+        service_token: secrets.service_token,
+        report_interval: config.report_interval(),
+    };
+    usage::serve(listener, counters, billing, settings, shutdown_signal()).await
+}
+
+/// Completes on SIGINT or SIGTERM, logging which arrived.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    let mut terminate =
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(signal) => signal,
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM; only SIGINT stops usage");
+                let _ = interrupt.await;
+                return;
+            }
+        };
+    tokio::select! {
+        _ = interrupt => tracing::info!("SIGINT received, shutting down"),
+        _ = terminate.recv() => tracing::info!("SIGTERM received, shutting down"),
+    }
+}
