@@ -414,6 +414,16 @@ impl Counters {
             .ok_or_else(|| unexpected_reply("load_credits"))
     }
 
+    /// Tells whether the customer's spendable balance is loaded.
+    pub async fn credits_loaded(&self, customer: Uuid) -> redis::RedisResult<bool> {
+        let mut connection = self.connection.clone();
+        redis::cmd("HEXISTS")
+            .arg(self.keys.credits(customer))
+            .arg("b")
+            .query_async(&mut connection)
+            .await
+    }
+
     /// Applies a credit change once per reference; returns whether it applied now and the balance (-1 when
     /// not loaded).
     pub async fn grant(

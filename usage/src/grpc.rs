@@ -29,6 +29,8 @@ pub type BillingClient = EntitlementsClient<InterceptedService<Channel, BearerTo
 /// How long usage waits for billing on the request path (a credit load).
 pub const BILLING_DEADLINE: Duration = Duration::from_secs(2);
 const MAX_BATCH: usize = 1_000;
+/// Credit loads of customers in one stripe wait for each other (then find the balance loaded).
+const LOAD_STRIPES: usize = 64;
 
 /// Customers whose outbox has spending that billing has not yet been sent.
 #[derive(Clone, Default)]
@@ -70,6 +72,7 @@ pub struct UsageApi {
     counters: Counters,
     billing: BillingClient,
     dirty: DirtyCustomers,
+    loading: Arc<[tokio::sync::Mutex<()>; LOAD_STRIPES]>,
 }
 
 impl UsageApi {
@@ -80,10 +83,17 @@ impl UsageApi {
             counters,
             billing,
             dirty,
+            loading: Arc::new(std::array::from_fn(|_| tokio::sync::Mutex::new(()))),
         }
     }
 
     async fn load_credits(&self, customer: Uuid) -> Result<(), UsageError> {
+        // A burst of requests from one cold customer would otherwise ask billing once per request.
+        let stripe = &self.loading[(customer.as_u128() % LOAD_STRIPES as u128) as usize];
+        let _loading = stripe.lock().await;
+        if self.counters.credits_loaded(customer).await? {
+            return Ok(());
+        }
         let mut request = Request::new(billing_pb::GetCreditBalanceRequest {
             customer_id: customer.to_string(),
         });
