@@ -1,1 +1,315 @@
-//! placeholder
+//! The integration-test harness: fresh PostgreSQL databases, a throwaway Redis, the real billing and usage
+//! services in-process on port 0, and authenticated gRPC clients for them.
+//!
+//! Layout:
+//! - `postgres`: the throwaway PostgreSQL cluster a test process starts when `DATABASE_URL` is unset
+//! - `redis_server`: the throwaway Redis server a test process starts when `REDIS_URL` is unset
+//! - `usage_service`: the usage service in-process, its clients and counters
+//! - this file: `fresh_database`, `spawn_billing`, the clients and small request builders
+
+mod postgres;
+mod redis_server;
+mod usage_service;
+
+pub use usage_service::{
+    TEST_REPORT_INTERVAL, UsageClient, UsageInstance, counters, redis_connection, redis_url,
+    spawn_usage, spawn_usage_with, spawn_usage_with_prefix, unique_prefix,
+};
+
+use std::{net::SocketAddr, sync::Arc};
+
+use billing::ManualClock;
+use proto::billing::v1::{
+    BillingInterval, CreateCustomerRequest, CreatePlanRequest, OverageMode, PaymentOutcome,
+    PaymentPurpose, RecordPaymentRequest, billing_admin_client::BillingAdminClient,
+    entitlements_client,
+};
+use sha2::{Digest, Sha256};
+use sqlx::{
+    AssertSqlSafe, Connection, PgConnection, PgPool,
+    postgres::{PgConnectOptions, PgPoolOptions},
+};
+use time::{OffsetDateTime, macros::datetime};
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tonic::{
+    Request, Status,
+    metadata::{Ascii, MetadataValue},
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::Channel,
+};
+use uuid::Uuid;
+
+/// The bearer token the billing instances require on `BillingAdmin`.
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+/// The bearer token the billing instances require on `Entitlements`.
+pub const SERVICE_TOKEN: &str = "test-service-token";
+/// Where the clock of `spawn_billing` starts.
+pub const CLOCK_START: OffsetDateTime = datetime!(2026-01-15 12:00:00 UTC);
+
+/// A `BillingAdmin` client whose calls carry a bearer token.
+pub type AdminClient = BillingAdminClient<InterceptedService<Channel, BearerToken>>;
+/// An `Entitlements` client whose calls carry a bearer token.
+pub type EntitlementsClient =
+    entitlements_client::EntitlementsClient<InterceptedService<Channel, BearerToken>>;
+
+/// Returns a pool on a new, uniquely named database (`test_<uuid>`) with billing's migrations applied.
+///
+/// The database lives on the server `DATABASE_URL` names when it is set, otherwise on a throwaway cluster
+/// this test process starts on first use and that stops when the process exits. Panics with one line saying
+/// what to install when PostgreSQL is missing.
+pub async fn fresh_database() -> PgPool {
+    init_test_logging();
+    let server = server_options().await;
+    let name = format!("test_{}", Uuid::new_v4().simple());
+
+    let mut maintenance = PgConnection::connect_with(&server)
+        .await
+        .unwrap_or_else(|error| panic!("failed to connect to PostgreSQL: {error}"));
+    sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut maintenance)
+        .await
+        .unwrap_or_else(|error| panic!("failed to create database `{name}`: {error}"));
+    let _ = maintenance.close().await;
+
+    let pool = PgPoolOptions::new()
+        .max_connections(16)
+        .connect_with(server.database(&name))
+        .await
+        .unwrap_or_else(|error| panic!("failed to connect to database `{name}`: {error}"));
+    billing::MIGRATOR
+        .run(&pool)
+        .await
+        .unwrap_or_else(|error| panic!("failed to migrate database `{name}`: {error}"));
+    pool
+}
+
+async fn server_options() -> PgConnectOptions {
+    if let Ok(url) = std::env::var("DATABASE_URL") {
+        return url
+            .parse()
+            .unwrap_or_else(|error| panic!("DATABASE_URL is not a PostgreSQL URL: {error}"));
+    }
+    let port = match tokio::task::spawn_blocking(|| postgres::cluster().port).await {
+        Ok(port) => port,
+        Err(error) => match error.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(error) => panic!("starting PostgreSQL was cancelled: {error}"),
+        },
+    };
+    format!("postgres://postgres@127.0.0.1:{port}/postgres?sslmode=disable")
+        .parse()
+        .expect("a valid PostgreSQL URL")
+}
+
+fn init_test_logging() {
+    // Several tests may share a process (`cargo test`); only the first one installs the subscriber.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// A billing service running in this process, with a clock the test moves.
+///
+/// Stop it with `shutdown` to see whether it failed; dropping it also stops it, without waiting.
+pub struct BillingInstance {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its clock; status, periods and grace follow it.
+    pub clock: Arc<ManualClock>,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<Result<(), String>>,
+}
+
+/// Starts billing on `db` on a free port, its clock standing at `CLOCK_START`.
+pub async fn spawn_billing(db: PgPool) -> BillingInstance {
+    spawn_billing_with_clock(db, Arc::new(ManualClock::new(CLOCK_START))).await
+}
+
+/// Starts billing on `db` on a free port with the given clock (share one clock between instances that
+/// must agree on the time).
+pub async fn spawn_billing_with_clock(db: PgPool, clock: Arc<ManualClock>) -> BillingInstance {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("failed to bind a port for billing");
+    let addr = listener
+        .local_addr()
+        .expect("a bound listener has an address");
+    let (stop, stopped) = oneshot::channel::<()>();
+    let tokens = billing::Tokens {
+        admin: ADMIN_TOKEN.into(),
+        service: SERVICE_TOKEN.into(),
+    };
+    let shutdown = async move {
+        // An error means the instance was dropped: stop as well.
+        let _ = stopped.await;
+    };
+    let serve = billing::serve(listener, db, tokens, clock.clone(), shutdown);
+    let task = tokio::spawn(async move { serve.await.map_err(|error| format!("{error:#}")) });
+    BillingInstance {
+        addr,
+        clock,
+        stop,
+        task,
+    }
+}
+
+impl BillingInstance {
+    /// Stops the service, waits until it has drained, and panics if it failed.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(());
+        match self.task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => panic!("billing failed: {error}"),
+            Err(error) => match error.try_into_panic() {
+                Ok(panic) => std::panic::resume_unwind(panic),
+                Err(error) => panic!("billing task was cancelled: {error}"),
+            },
+        }
+    }
+
+    /// Returns a `BillingAdmin` client that sends `ADMIN_TOKEN`.
+    pub async fn admin(&self) -> AdminClient {
+        self.admin_with_token(Some(ADMIN_TOKEN)).await
+    }
+
+    /// Returns a `BillingAdmin` client that sends `token` as bearer token, or no `authorization` at all.
+    pub async fn admin_with_token(&self, token: Option<&str>) -> AdminClient {
+        BillingAdminClient::with_interceptor(self.channel().await, BearerToken::new(token))
+    }
+
+    /// Returns an `Entitlements` client that sends `SERVICE_TOKEN`.
+    pub async fn entitlements(&self) -> EntitlementsClient {
+        self.entitlements_with_token(Some(SERVICE_TOKEN)).await
+    }
+
+    /// Returns an `Entitlements` client that sends `token` as bearer token, or no `authorization` at all.
+    pub async fn entitlements_with_token(&self, token: Option<&str>) -> EntitlementsClient {
+        entitlements_client::EntitlementsClient::with_interceptor(
+            self.channel().await,
+            BearerToken::new(token),
+        )
+    }
+
+    async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .expect("a socket address makes a valid URI")
+            .connect()
+            .await
+            .unwrap_or_else(|error| {
+                panic!("failed to connect to billing at {}: {error}", self.addr)
+            })
+    }
+}
+
+/// Adds `authorization: Bearer <token>` to every call, or nothing when built without a token.
+#[derive(Clone)]
+pub struct BearerToken(Option<MetadataValue<Ascii>>);
+
+impl BearerToken {
+    /// Returns an interceptor sending `token`; `None` sends no `authorization` entry.
+    pub fn new(token: Option<&str>) -> Self {
+        Self(token.map(|token| {
+            format!("Bearer {token}")
+                .parse()
+                .expect("test tokens are printable ASCII")
+        }))
+    }
+}
+
+impl Interceptor for BearerToken {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// Wraps `message` in a request whose `paygate-actor` metadata names `actor`.
+pub fn as_actor<T>(actor: &str, message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    request.metadata_mut().insert(
+        "paygate-actor",
+        actor.parse().expect("actor names are printable ASCII"),
+    );
+    request
+}
+
+/// Returns a request for a USD customer with this external id.
+pub fn customer_request(external_id: &str) -> CreateCustomerRequest {
+    CreateCustomerRequest {
+        external_id: external_id.into(),
+        name: format!("Customer {external_id}"),
+        email: format!("{external_id}@example.com"),
+        currency: "USD".into(),
+    }
+}
+
+/// Returns a request for a paid monthly USD plan: 10 USD a period, 1000 units, overage blocked, 3 days of
+/// grace, no trial, no rate limit.
+pub fn plan_request(code: &str) -> CreatePlanRequest {
+    CreatePlanRequest {
+        code: code.into(),
+        name: format!("Plan {code}"),
+        currency: "USD".into(),
+        price_micros: 10_000_000,
+        interval: BillingInterval::Month.into(),
+        included_units: 1000,
+        rate_limit: 0,
+        rate_period_ms: 0,
+        burst: 0,
+        overage_mode: OverageMode::Block.into(),
+        unit_price_micros: 0,
+        grace_period_seconds: 3 * 24 * 60 * 60,
+        trial_days: 0,
+        features: vec!["search".into()],
+    }
+}
+
+/// Returns a request recording a payment; `key` is its idempotency key.
+pub fn payment_request(
+    key: &str,
+    customer_id: &str,
+    purpose: PaymentPurpose,
+    outcome: PaymentOutcome,
+    amount_micros: i64,
+) -> RecordPaymentRequest {
+    RecordPaymentRequest {
+        idempotency_key: key.into(),
+        customer_id: customer_id.into(),
+        purpose: purpose.into(),
+        outcome: outcome.into(),
+        amount_micros,
+        provider_reference: format!("provider-{key}"),
+        failure_reason: match outcome {
+            PaymentOutcome::Failed => "card declined".into(),
+            _ => String::new(),
+        },
+    }
+}
+
+/// Returns the SHA-256 digest of an API key, as gateways send it to `Entitlements.Resolve`.
+pub fn key_digest(secret: &str) -> Vec<u8> {
+    Sha256::digest(secret.as_bytes()).to_vec()
+}
+
+/// Converts an instant to a protobuf timestamp.
+pub fn timestamp(instant: OffsetDateTime) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: instant.unix_timestamp(),
+        nanos: i32::try_from(instant.nanosecond()).expect("nanoseconds fit in i32"),
+    }
+}
+
+/// Converts a protobuf timestamp field to an instant; panics when it is unset or out of range.
+pub fn instant(timestamp: &Option<prost_types::Timestamp>) -> OffsetDateTime {
+    let timestamp = timestamp.as_ref().expect("timestamp is set");
+    OffsetDateTime::from_unix_timestamp(timestamp.seconds).expect("timestamp in range")
+        + time::Duration::nanoseconds(i64::from(timestamp.nanos))
+}

@@ -114,7 +114,9 @@ if new_tat then
 end
 if from_quota > 0 then
   redis.call('INCRBY', KEYS[2], from_quota)
-  redis.call('PEXPIREAT', KEYS[2], period_end_ms + tonumber(ARGV[11]))
+  -- Counted from now when the period is already over (a late request, or a clock that disagrees), so
+  -- the counter never expires under a request that just used it.
+  redis.call('PEXPIREAT', KEYS[2], math.max(period_end_ms, math.floor(now_us / 1000)) + tonumber(ARGV[11]))
 end
 if cost > 0 then
   balance = redis.call('HINCRBY', KEYS[3], 'b', -cost)

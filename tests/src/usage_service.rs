@@ -1,0 +1,152 @@
+//! The usage service in-process on port 0, against this process's Redis and a billing instance.
+
+use std::{net::SocketAddr, time::Duration};
+
+use proto::usage::v1::usage_client;
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tonic::{service::interceptor::InterceptedService, transport::Channel};
+use uuid::Uuid;
+
+use crate::{BearerToken, BillingInstance, SERVICE_TOKEN};
+
+/// A `Usage` client whose calls carry a bearer token.
+pub type UsageClient = usage_client::UsageClient<InterceptedService<Channel, BearerToken>>;
+
+/// How often in-process usage instances report to billing: often, so tests that wait for a report wait
+/// little.
+pub const TEST_REPORT_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Returns the URL of the Redis server tests use: `REDIS_URL` when set, otherwise a throwaway server this
+/// test process starts on first use (AOF on, `everysec`, `noeviction`).
+pub async fn redis_url() -> String {
+    if let Ok(url) = std::env::var("REDIS_URL") {
+        return url;
+    }
+    let port = match tokio::task::spawn_blocking(|| crate::redis_server::server().port).await {
+        Ok(port) => port,
+        Err(error) => match error.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(error) => panic!("starting redis was cancelled: {error}"),
+        },
+    };
+    format!("redis://127.0.0.1:{port}")
+}
+
+/// Returns a key prefix no other test uses, so tests sharing a Redis never see each other's keys.
+pub fn unique_prefix() -> String {
+    format!("test-{}", Uuid::new_v4().simple())
+}
+
+/// Returns counters under `prefix` on the test Redis, with the scripts loaded.
+pub async fn counters(prefix: &str) -> usage::Counters {
+    let connection = usage::connect_redis(&redis_url().await)
+        .await
+        .unwrap_or_else(|error| panic!("failed to connect to redis: {error:#}"));
+    usage::Counters::new(connection, usage::Keys::new(prefix))
+        .await
+        .unwrap_or_else(|error| panic!("failed to load the usage scripts: {error}"))
+}
+
+/// Returns a raw connection to the test Redis, for tests that inspect or corrupt keys.
+pub async fn redis_connection() -> redis::aio::ConnectionManager {
+    usage::connect_redis(&redis_url().await)
+        .await
+        .unwrap_or_else(|error| panic!("failed to connect to redis: {error:#}"))
+}
+
+/// A usage service running in this process.
+pub struct UsageInstance {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its Redis key prefix.
+    pub prefix: String,
+    /// Its counters (the same Redis keys the service uses).
+    pub counters: usage::Counters,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<Result<(), String>>,
+}
+
+/// Starts usage on a free port with a fresh key prefix, reporting to `billing`.
+pub async fn spawn_usage(billing: &BillingInstance) -> UsageInstance {
+    spawn_usage_with_prefix(billing, &unique_prefix()).await
+}
+
+/// Starts usage on a free port under `prefix` (instances with one prefix share their counters, like
+/// replicas of one deployment), reporting to `billing`.
+pub async fn spawn_usage_with_prefix(billing: &BillingInstance, prefix: &str) -> UsageInstance {
+    spawn_usage_with(billing, prefix, TEST_REPORT_INTERVAL).await
+}
+
+/// Starts usage like `spawn_usage_with_prefix`, reporting every `report_interval` (a long one leaves
+/// spending for the final report at shutdown).
+pub async fn spawn_usage_with(
+    billing: &BillingInstance,
+    prefix: &str,
+    report_interval: Duration,
+) -> UsageInstance {
+    let counters = counters(prefix).await;
+    usage::check_durability(&counters, false)
+        .await
+        .unwrap_or_else(|error| panic!("the test redis is not durable: {error:#}"));
+    let billing_client = usage::billing_client(&format!("http://{}", billing.addr), SERVICE_TOKEN)
+        .unwrap_or_else(|error| panic!("bad billing client: {error:#}"));
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("failed to bind a port for usage");
+    let addr = listener
+        .local_addr()
+        .expect("a bound listener has an address");
+    let (stop, stopped) = oneshot::channel::<()>();
+    let settings = usage::Settings {
+        service_token: SERVICE_TOKEN.into(),
+        report_interval,
+    };
+    let shutdown = async move {
+        let _ = stopped.await;
+    };
+    let serve = usage::serve(
+        listener,
+        counters.clone(),
+        billing_client,
+        settings,
+        shutdown,
+    );
+    let task = tokio::spawn(async move { serve.await.map_err(|error| format!("{error:#}")) });
+    UsageInstance {
+        addr,
+        prefix: prefix.to_owned(),
+        counters,
+        stop,
+        task,
+    }
+}
+
+impl UsageInstance {
+    /// Stops the service (it reports pending spending first), waits for it, and panics if it failed.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(());
+        match self.task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => panic!("usage failed: {error}"),
+            Err(error) => match error.try_into_panic() {
+                Ok(panic) => std::panic::resume_unwind(panic),
+                Err(error) => panic!("usage task was cancelled: {error}"),
+            },
+        }
+    }
+
+    /// Returns a `Usage` client that sends `SERVICE_TOKEN`.
+    pub async fn client(&self) -> UsageClient {
+        self.client_with_token(Some(SERVICE_TOKEN)).await
+    }
+
+    /// Returns a `Usage` client that sends `token`, or no `authorization` at all.
+    pub async fn client_with_token(&self, token: Option<&str>) -> UsageClient {
+        let channel = Channel::from_shared(format!("http://{}", self.addr))
+            .expect("a socket address makes a valid URI")
+            .connect()
+            .await
+            .unwrap_or_else(|error| panic!("failed to connect to usage at {}: {error}", self.addr));
+        usage_client::UsageClient::with_interceptor(channel, BearerToken::new(token))
+    }
+}
