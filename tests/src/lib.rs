@@ -12,8 +12,9 @@ mod redis_server;
 mod usage_service;
 
 pub use usage_service::{
-    TEST_REPORT_INTERVAL, UsageClient, UsageInstance, counters, redis_connection, redis_url,
-    spawn_usage, spawn_usage_with, spawn_usage_with_prefix, unique_prefix,
+    ExtraRedis, TEST_REPORT_INTERVAL, UsageClient, UsageInstance, counters, redis_connection,
+    redis_url, spawn_usage, spawn_usage_with, spawn_usage_with_prefix, start_extra_redis,
+    unique_prefix,
 };
 
 use std::{net::SocketAddr, sync::Arc};

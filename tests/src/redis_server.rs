@@ -1,4 +1,5 @@
-//! A throwaway Redis server per test process, with the persistence usage insists on (AOF, `everysec`).
+//! A throwaway Redis server per test process, with the persistence usage insists on (AOF, `everysec`),
+//! and on request more servers with other settings.
 //!
 //! Like the PostgreSQL cluster, it runs under a small wrapper shell whose stdin pipe we keep open: when the
 //! test process exits, however it exits, the pipe closes and the wrapper stops redis and deletes its
@@ -37,7 +38,7 @@ rm -rf "$dir"
 echo "paygate-harness: redis exited"
 "#;
 
-/// A running Redis server at `127.0.0.1:port`. It stops when the test process exits.
+/// A running Redis server at `127.0.0.1:port`. It stops when dropped, or when the test process exits.
 pub(crate) struct Server {
     pub(crate) port: u16,
     _stop_on_exit: ChildStdin,
@@ -61,11 +62,27 @@ fn find_binary() -> PathBuf {
         .unwrap_or_else(|| panic!("{MISSING_BINARY}"))
 }
 
+/// The settings usage insists on: an append-only file synced every second, and no eviction.
+const DURABLE: &[&str] = &[
+    "--appendonly",
+    "yes",
+    "--appendfsync",
+    "everysec",
+    "--maxmemory-policy",
+    "noeviction",
+];
+
 fn start_server() -> Server {
+    start_with(DURABLE)
+}
+
+/// Starts another Redis server with `settings` (e.g. persistence off); it stops when the returned value
+/// is dropped or the process exits.
+pub(crate) fn start_with(settings: &[&str]) -> Server {
     let binary = find_binary();
     let mut last_error = String::new();
     for _ in 0..START_ATTEMPTS {
-        match start_redis(&binary) {
+        match start_redis(&binary, settings) {
             Ok(server) => return server,
             Err(error) => last_error = error,
         }
@@ -73,7 +90,7 @@ fn start_server() -> Server {
     panic!("redis failed to start after {START_ATTEMPTS} attempts: {last_error}");
 }
 
-fn start_redis(binary: &PathBuf) -> Result<Server, String> {
+fn start_redis(binary: &PathBuf, settings: &[&str]) -> Result<Server, String> {
     let dir = std::env::temp_dir().join(format!("paygate-redis-{}", Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir)
         .unwrap_or_else(|error| panic!("failed to create `{}`: {error}", dir.display()));
@@ -91,22 +108,8 @@ fn start_redis(binary: &PathBuf) -> Result<Server, String> {
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
         .arg("--dir")
         .arg(&dir)
-        .args([
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "everysec",
-            "--save",
-            "",
-        ])
-        .args([
-            "--maxmemory-policy",
-            "noeviction",
-            "--daemonize",
-            "no",
-            "--logfile",
-            "",
-        ])
+        .args(["--save", "", "--daemonize", "no", "--logfile", ""])
+        .args(settings)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

@@ -32,6 +32,32 @@ pub async fn redis_url() -> String {
     format!("redis://127.0.0.1:{port}")
 }
 
+/// A Redis server of a test's own, with the given settings; it stops when dropped.
+pub struct ExtraRedis {
+    /// Its URL.
+    pub url: String,
+    _server: crate::redis_server::Server,
+}
+
+/// Starts a Redis server of the test's own with `settings` (for example `["--appendonly", "no"]`).
+pub async fn start_extra_redis(settings: &'static [&'static str]) -> ExtraRedis {
+    let server = match tokio::task::spawn_blocking(move || {
+        crate::redis_server::start_with(settings)
+    })
+    .await
+    {
+        Ok(server) => server,
+        Err(error) => match error.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(error) => panic!("starting redis was cancelled: {error}"),
+        },
+    };
+    ExtraRedis {
+        url: format!("redis://127.0.0.1:{}", server.port),
+        _server: server,
+    }
+}
+
 /// Returns a key prefix no other test uses, so tests sharing a Redis never see each other's keys.
 pub fn unique_prefix() -> String {
     format!("test-{}", Uuid::new_v4().simple())

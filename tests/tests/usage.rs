@@ -5,7 +5,7 @@ use std::{collections::HashMap, time::Duration};
 use integration_tests::{
     BillingInstance, UsageClient, counters, customer_request, fresh_database, plan_request,
     redis_connection, spawn_billing, spawn_usage, spawn_usage_with, spawn_usage_with_prefix,
-    unique_prefix,
+    start_extra_redis, unique_prefix,
 };
 use prost_types::Timestamp;
 use proto::{
@@ -746,4 +746,94 @@ async fn malformed_admissions_are_invalid_and_take_nothing() {
     assert_eq!(zero_units.code(), Code::InvalidArgument);
     assert_eq!(bad_customer.code(), Code::InvalidArgument);
     assert_eq!(usage_figures(&mut client, &subscriber).await.units_used, 0);
+}
+
+#[tokio::test]
+async fn usage_refuses_a_redis_that_can_lose_counters_unless_told_it_is_for_development() {
+    let volatile = start_extra_redis(&["--appendonly", "no"]).await;
+    let evicting =
+        start_extra_redis(&["--appendonly", "yes", "--maxmemory-policy", "allkeys-lru"]).await;
+    let counters_on = |url: String| async move {
+        let connection = usage::connect_redis(&url).await.expect("connect");
+        usage::Counters::new(connection, usage::Keys::new(unique_prefix()))
+            .await
+            .expect("scripts")
+    };
+    let without_aof = counters_on(volatile.url.clone()).await;
+    let with_eviction = counters_on(evicting.url.clone()).await;
+    let durable = counters_on(integration_tests::redis_url().await).await;
+
+    let refused = usage::check_durability(&without_aof, false)
+        .await
+        .expect_err("no AOF");
+    let evictions = usage::check_durability(&with_eviction, false)
+        .await
+        .expect_err("eviction");
+
+    assert!(
+        refused.to_string().contains("appendonly is off"),
+        "{refused:#}"
+    );
+    assert!(
+        evictions.to_string().contains("allkeys-lru"),
+        "{evictions:#}"
+    );
+    assert!(usage::check_durability(&without_aof, true).await.is_ok());
+    assert!(usage::check_durability(&durable, false).await.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_decides_each_request_of_many_customers_exactly() {
+    let billing = spawn_billing(fresh_database().await).await;
+    let usage = spawn_usage(&billing).await;
+    let mut subscribers = Vec::new();
+    for index in 0..3 {
+        subscribers.push(subscribe(&billing, free_plan(&format!("batch-{index}"), 50)).await);
+    }
+    let requests: Vec<AdmitRequest> = (0..300)
+        .map(|index| subscribers[index % 3].admit(&format!("batch-req-{index}")))
+        .collect();
+    let mut client = usage.client().await;
+
+    let mut tasks = JoinSet::new();
+    for chunk in requests.chunks(100) {
+        let mut client = client.clone();
+        let chunk = chunk.to_vec();
+        tasks.spawn(async move {
+            let answers = client
+                .admit_batch(AdmitBatchRequest {
+                    requests: chunk.clone(),
+                })
+                .await
+                .expect("batch")
+                .into_inner()
+                .decisions;
+            chunk.into_iter().zip(answers).collect::<Vec<_>>()
+        });
+    }
+    let mut admitted_per_customer: HashMap<String, usize> = HashMap::new();
+    let mut refused = 0;
+    while let Some(pairs) = tasks.join_next().await {
+        for (request, answer) in pairs.expect("task") {
+            assert!(answer.error.is_empty(), "{}", answer.error);
+            match answer.decision() {
+                Decision::Admitted => {
+                    *admitted_per_customer
+                        .entry(request.customer_id)
+                        .or_default() += 1
+                }
+                Decision::QuotaExhausted => refused += 1,
+                other => panic!("unexpected decision {other:?}"),
+            }
+        }
+    }
+
+    assert_eq!(refused, 150);
+    for subscriber in &subscribers {
+        assert_eq!(
+            admitted_per_customer.get(&subscriber.customer_id),
+            Some(&50)
+        );
+        assert_eq!(usage_figures(&mut client, subscriber).await.units_used, 50);
+    }
 }
