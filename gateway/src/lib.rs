@@ -1,8 +1,11 @@
-//! The gateway: paygate's HTTP front door, which decides per request whether to forward or answer 402.
+//! The gateway: paygate's HTTP front door, which decides per request whether to forward or answer 402
+//! (DESIGN §2). It talks to billing (`Entitlements`) and usage (`Usage`) over gRPC.
 //!
-//! It talks to billing (`proto::billing::v1::Entitlements`) and usage (`proto::usage::v1::Usage`); the
-//! implementation lands with the gateway issue.
+//! Layout (the server, cache and proxy land with the gateway issue; these are the rules they apply):
+//! - `routes`: the routes file and longest-prefix lookup
+//! - `headers`: API-key extraction and header hygiene toward upstreams and clients
+//! - `problem`: problem+json bodies and the human pages per code
 
-/// The header that names the paying customer on forwarded requests (always set by the gateway, never
-/// trusted from the client).
-pub const CUSTOMER_HEADER: &str = "paygate-customer";
+pub mod headers;
+pub mod problem;
+pub mod routes;

@@ -1,0 +1,291 @@
+//! The routes file (`GATEWAY_CONFIG`, TOML): which path prefixes go to which upstream, at what price, and
+//! how each route behaves when billing or usage is down; and the longest-prefix lookup over it.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The routes file as written by an operator.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutesFile {
+    /// Base of the `type` URI in problem bodies (`<base>/<code>`); default `/problems`, which this gateway
+    /// serves itself.
+    #[serde(default = "default_problem_base")]
+    pub problem_base_url: String,
+    /// Where a caller tops up credits, shown in 402 bodies as `actions.top_up`.
+    #[serde(default)]
+    pub top_up_url: Option<String>,
+    /// Where a caller changes plan, shown in 402/403 bodies as `actions.upgrade`.
+    #[serde(default)]
+    pub upgrade_url: Option<String>,
+    #[serde(default)]
+    pub limits: RequestLimits,
+    pub routes: Vec<RouteSpec>,
+}
+
+fn default_problem_base() -> String {
+    "/problems".to_owned()
+}
+
+/// Bounds on what a client may send.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RequestLimits {
+    /// Largest request body forwarded, in bytes; larger ones get 413 before the body is read.
+    pub max_body_bytes: u64,
+    /// Most request headers accepted; more get 431.
+    pub max_headers: usize,
+    /// Largest request head (request line and headers) in bytes; larger gets 431.
+    pub max_header_bytes: usize,
+    /// How long a client may take to send its request head.
+    pub header_read_timeout_ms: u64,
+}
+
+impl Default for RequestLimits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 10 * 1024 * 1024,
+            max_headers: 100,
+            max_header_bytes: 16 * 1024,
+            header_read_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// What the gateway does on a route when billing or usage cannot answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FailureMode {
+    /// Answer 503 `billing_unavailable` (the default).
+    #[default]
+    Closed,
+    /// Forward anyway, marked `Paygate-Degraded: true`, up to `open_budget` units per key per instance.
+    Open,
+}
+
+/// One route as written in the file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSpec {
+    /// Path prefix, matched on whole segments (`/v1` matches `/v1` and `/v1/x`, not `/v10`).
+    pub prefix: String,
+    /// Upstream base URL, `http://host:port` with an optional path the request path is appended to.
+    pub upstream: String,
+    /// Units one request costs (default 1).
+    #[serde(default = "default_price")]
+    pub price: i64,
+    /// A plan feature the caller's plan must have; none by default.
+    #[serde(default)]
+    pub feature: Option<String>,
+    #[serde(default)]
+    pub failure_mode: FailureMode,
+    /// With `failure_mode = "open"`: units per key per gateway instance that may pass while degraded.
+    #[serde(default)]
+    pub open_budget: u32,
+    /// How long the upstream may take to start answering (default 30 s).
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_price() -> i64 {
+    1
+}
+
+fn default_timeout_ms() -> u64 {
+    30_000
+}
+
+/// A checked route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub prefix: String,
+    /// Scheme and authority of the upstream (`http://127.0.0.1:9000`).
+    pub upstream_origin: String,
+    /// Path the request path is appended to (empty or `/base`, never ending in `/`).
+    pub upstream_base_path: String,
+    pub price: i64,
+    pub feature: Option<String>,
+    pub failure_mode: FailureMode,
+    pub open_budget: u32,
+    pub timeout: Duration,
+}
+
+/// Why a routes file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum RoutesError {
+    #[error("routes file is not valid TOML: {0}")]
+    Toml(#[from] toml::de::Error),
+    #[error("route `{prefix}`: {problem}")]
+    Route { prefix: String, problem: String },
+    #[error("the routes file defines no routes")]
+    Empty,
+}
+
+/// The routes, longest prefix first.
+#[derive(Debug, Clone)]
+pub struct RouteTable {
+    routes: Vec<Route>,
+}
+
+impl RouteTable {
+    /// Checks and indexes the routes of a file.
+    pub fn new(specs: &[RouteSpec]) -> Result<Self, RoutesError> {
+        if specs.is_empty() {
+            return Err(RoutesError::Empty);
+        }
+        let mut routes = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let route = check_route(spec).map_err(|problem| RoutesError::Route {
+                prefix: spec.prefix.clone(),
+                problem,
+            })?;
+            if routes
+                .iter()
+                .any(|other: &Route| other.prefix == route.prefix)
+            {
+                return Err(RoutesError::Route {
+                    prefix: spec.prefix.clone(),
+                    problem: "appears twice".to_owned(),
+                });
+            }
+            routes.push(route);
+        }
+        routes.sort_by_key(|route| std::cmp::Reverse(route.prefix.len()));
+        Ok(Self { routes })
+    }
+
+    /// Returns the route with the longest prefix matching `path` on whole segments, if any.
+    pub fn find(&self, path: &str) -> Option<&Route> {
+        self.routes
+            .iter()
+            .find(|route| prefix_matches(&route.prefix, path))
+    }
+
+    /// Returns every route.
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
+    }
+}
+
+fn prefix_matches(prefix: &str, path: &str) -> bool {
+    prefix == "/"
+        || path == prefix
+        || (path.starts_with(prefix) && path.as_bytes().get(prefix.len()) == Some(&b'/'))
+}
+
+fn check_route(spec: &RouteSpec) -> Result<Route, String> {
+    let prefix = spec.prefix.trim_end_matches('/');
+    let prefix = if prefix.is_empty() { "/" } else { prefix };
+    if !prefix.starts_with('/') || prefix.contains(['?', '#', ' ']) {
+        return Err("`prefix` must be a path starting with `/`".to_owned());
+    }
+    let uri: http::Uri = spec
+        .upstream
+        .parse()
+        .map_err(|_| format!("`upstream` `{}` is not a URL", spec.upstream))?;
+    if uri.scheme_str() != Some("http") {
+        return Err(
+            "`upstream` must be an http:// URL (terminate TLS to upstreams in front of them)"
+                .to_owned(),
+        );
+    }
+    let authority = uri
+        .authority()
+        .ok_or_else(|| "`upstream` needs a host".to_owned())?;
+    if uri.query().is_some() {
+        return Err("`upstream` must not have a query".to_owned());
+    }
+    if spec.price < 1 {
+        return Err(format!("`price` must be at least 1, got {}", spec.price));
+    }
+    if spec.failure_mode == FailureMode::Open && spec.open_budget == 0 {
+        return Err("`failure_mode = \"open\"` needs `open_budget` of at least 1".to_owned());
+    }
+    if spec.timeout_ms == 0 {
+        return Err("`timeout_ms` must be positive".to_owned());
+    }
+    Ok(Route {
+        prefix: prefix.to_owned(),
+        upstream_origin: format!("http://{authority}"),
+        upstream_base_path: uri.path().trim_end_matches('/').to_owned(),
+        price: spec.price,
+        feature: spec.feature.clone(),
+        failure_mode: spec.failure_mode,
+        open_budget: spec.open_budget,
+        timeout: Duration::from_millis(spec.timeout_ms),
+    })
+}
+
+/// Parses a routes file.
+pub fn parse_routes_file(text: &str) -> Result<(RoutesFile, RouteTable), RoutesError> {
+    let file: RoutesFile = toml::from_str(text)?;
+    let table = RouteTable::new(&file.routes)?;
+    Ok((file, table))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = r#"
+        problem_base_url = "https://docs.example.com/problems"
+
+        [[routes]]
+        prefix = "/v1"
+        upstream = "http://127.0.0.1:9000"
+
+        [[routes]]
+        prefix = "/v1/chat/"
+        upstream = "http://127.0.0.1:9001/api"
+        price = 5
+        feature = "chat"
+        failure_mode = "open"
+        open_budget = 100
+    "#;
+
+    #[test]
+    fn the_longest_whole_segment_prefix_wins() {
+        let (_, table) = parse_routes_file(FILE).expect("valid file");
+
+        assert_eq!(table.find("/v1/chat/completions").map(|r| r.price), Some(5));
+        assert_eq!(table.find("/v1/chat").map(|r| r.price), Some(5));
+        assert_eq!(table.find("/v1/chatter").map(|r| r.price), Some(1));
+        assert_eq!(table.find("/v1").map(|r| r.price), Some(1));
+        assert!(table.find("/v10").is_none());
+        assert!(table.find("/").is_none());
+    }
+
+    #[test]
+    fn an_upstream_base_path_is_kept_without_its_trailing_slash() {
+        let (_, table) = parse_routes_file(FILE).expect("valid file");
+
+        let chat = table.find("/v1/chat").expect("route");
+
+        assert_eq!(chat.upstream_origin, "http://127.0.0.1:9001");
+        assert_eq!(chat.upstream_base_path, "/api");
+        assert_eq!(chat.failure_mode, FailureMode::Open);
+    }
+
+    #[test]
+    fn bad_routes_are_refused_with_the_route_named() {
+        let refuse = |route: &str| {
+            parse_routes_file(&format!("[[routes]]\n{route}"))
+                .expect_err("must be refused")
+                .to_string()
+        };
+
+        assert!(refuse("prefix = \"v1\"\nupstream = \"http://a:1\"").contains("starting with `/`"));
+        assert!(refuse("prefix = \"/a\"\nupstream = \"https://a:1\"").contains("http://"));
+        assert!(refuse("prefix = \"/a\"\nupstream = \"http://a:1\"\nprice = 0").contains("price"));
+        assert!(
+            refuse("prefix = \"/a\"\nupstream = \"http://a:1\"\nfailure_mode = \"open\"")
+                .contains("open_budget")
+        );
+        assert!(
+            refuse("prefix = \"/a\"\nupstream = \"http://a:1\"\ncolour = \"red\"")
+                .contains("colour")
+        );
+        assert!(parse_routes_file("routes = []").is_err());
+    }
+}
