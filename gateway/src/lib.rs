@@ -1,11 +1,110 @@
 //! The gateway: paygate's HTTP front door, which decides per request whether to forward or answer 402
-//! (DESIGN §2). It talks to billing (`Entitlements`) and usage (`Usage`) over gRPC.
+//! (DESIGN §2). It asks billing (`Entitlements`, cached) who the key belongs to and usage (`Usage`) whether
+//! the request is paid for, then streams the request to the upstream and the answer back.
 //!
-//! Layout (the server, cache and proxy land with the gateway issue; these are the rules they apply):
+//! Layout:
+//! - `config`: settings from flags and the environment
 //! - `routes`: the routes file and longest-prefix lookup
 //! - `headers`: API-key extraction and header hygiene toward upstreams and clients
 //! - `problem`: problem+json bodies and the human pages per code
+//! - `backends`: billing and usage calls with deadlines and circuit breakers
+//! - `entitlements`: the entitlement cache and billing's change stream
+//! - `proxy`: the decision per request and the forwarding
 
+pub mod backends;
+pub mod config;
+pub mod entitlements;
 pub mod headers;
 pub mod problem;
+pub mod proxy;
 pub mod routes;
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use hyper::service::service_fn;
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::{conn::auto, graceful::GracefulShutdown},
+};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+pub use proxy::Gateway;
+
+/// How long in-flight requests may take to finish once shutdown starts.
+const DRAIN_LIMIT: Duration = Duration::from_secs(30);
+
+/// Builds the gateway from a parsed routes file and the backends it calls.
+pub fn gateway(
+    file: routes::RoutesFile,
+    table: routes::RouteTable,
+    backends: backends::Backends,
+) -> Arc<Gateway> {
+    Arc::new(Gateway {
+        routes: table,
+        file,
+        cache: entitlements::EntitlementCache::new(backends.clone()),
+        backends,
+        upstream: proxy::upstream_client(),
+        degraded_passes: std::sync::Mutex::new(std::collections::HashMap::new()),
+    })
+}
+
+/// Serves HTTP/1.1 and HTTP/2 on `listener` until `shutdown` completes, then stops accepting and lets
+/// in-flight requests finish (for at most 30 s). Billing's change stream is followed meanwhile.
+pub async fn serve(
+    listener: TcpListener,
+    gateway: Arc<Gateway>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let stop = CancellationToken::new();
+    let follower = tokio::spawn(gateway.cache.clone().follow_changes(stop.clone()));
+    let limits = gateway.file.limits;
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        // Without a timer hyper silently ignores the header read timeout.
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_millis(limits.header_read_timeout_ms))
+        .max_headers(limits.max_headers)
+        .max_buf_size(limits.max_header_bytes.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+    let builder = Arc::new(builder);
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(%error, "accept failed");
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let gateway = gateway.clone();
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let service = service_fn(move |request| gateway.clone().handle(request, peer));
+            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            if let Err(error) = watcher.watch(connection).await {
+                tracing::debug!(%error, %peer, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(DRAIN_LIMIT) => tracing::warn!("in-flight requests did not finish in time"),
+    }
+    stop.cancel();
+    let _ = follower.await;
+    Ok(())
+}

@@ -1,0 +1,67 @@
+//! The gateway's settings, from flags or the environment (DESIGN §9); routes come from `GATEWAY_CONFIG`.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use anyhow::{Context, bail};
+
+/// Runtime settings for the gateway. Every field can be set from the environment; the token may instead
+/// be read from a file named by `PAYGATE_SERVICE_TOKEN_FILE`.
+#[derive(Clone, clap::Parser)] // no Debug: the token is a secret
+#[command(
+    name = "gateway",
+    about = "paygate gateway: forwards paid requests, answers 401/402/403/429/503 otherwise",
+    after_help = "Logging: RUST_LOG sets the log filter (default `info`)."
+)]
+pub struct Config {
+    /// Address the HTTP server listens on.
+    #[arg(long, env = "GATEWAY_LISTEN_ADDR", default_value = "0.0.0.0:8080")]
+    pub listen_addr: SocketAddr,
+    /// The routes file (TOML): prefixes, upstreams, prices, failure modes, limits.
+    #[arg(long, env = "GATEWAY_CONFIG")]
+    pub routes_file: PathBuf,
+    /// Where billing's gRPC API is.
+    #[arg(long, env = "BILLING_URL", default_value = "http://127.0.0.1:50051")]
+    pub billing_url: String,
+    /// Where usage's gRPC API is.
+    #[arg(long, env = "USAGE_URL", default_value = "http://127.0.0.1:50052")]
+    pub usage_url: String,
+    /// Bearer token sent to billing and usage (required, or PAYGATE_SERVICE_TOKEN_FILE).
+    #[arg(long, env = "PAYGATE_SERVICE_TOKEN", hide_env_values = true)]
+    pub service_token: Option<String>,
+    /// File holding the service token.
+    #[arg(long, env = "PAYGATE_SERVICE_TOKEN_FILE")]
+    pub service_token_file: Option<PathBuf>,
+    /// Deadline of each call to billing or usage on the request path, in milliseconds.
+    #[arg(long, env = "GATEWAY_BACKEND_DEADLINE_MS", default_value_t = 250)]
+    pub backend_deadline_ms: u64,
+}
+
+impl Config {
+    /// Returns the service token from its variable or file.
+    pub fn service_token(&self) -> anyhow::Result<String> {
+        let token = match (&self.service_token, &self.service_token_file) {
+            (Some(token), _) => token.clone(),
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .with_context(|| {
+                    format!(
+                        "failed to read PAYGATE_SERVICE_TOKEN_FILE `{}`",
+                        path.display()
+                    )
+                })?
+                .trim_end_matches(['\r', '\n'])
+                .to_owned(),
+            (None, None) => {
+                bail!("PAYGATE_SERVICE_TOKEN is required (or PAYGATE_SERVICE_TOKEN_FILE)")
+            }
+        };
+        if token.is_empty() {
+            bail!("PAYGATE_SERVICE_TOKEN is empty");
+        }
+        Ok(token)
+    }
+
+    /// Returns the backend deadline.
+    pub fn backend_deadline(&self) -> Duration {
+        Duration::from_millis(self.backend_deadline_ms.max(1))
+    }
+}

@@ -1,0 +1,73 @@
+//! Starts the gateway: settings, logging, routes, backends, then HTTP until SIGINT/SIGTERM.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use tokio::net::TcpListener;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let config = gateway::Config::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    match run(config).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            // One line, so the cause is readable in any log collector.
+            eprintln!("gateway: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: gateway::Config) -> anyhow::Result<()> {
+    let token = config.service_token()?;
+    let text = std::fs::read_to_string(&config.routes_file).with_context(|| {
+        format!(
+            "failed to read GATEWAY_CONFIG `{}`",
+            config.routes_file.display()
+        )
+    })?;
+    let (file, table) = gateway::routes::parse_routes_file(&text)
+        .with_context(|| format!("GATEWAY_CONFIG `{}`", config.routes_file.display()))?;
+    let token = proto::auth::BearerToken::new(&token)
+        .context("PAYGATE_SERVICE_TOKEN is not valid in a header")?;
+    let backends = gateway::backends::Backends::new(
+        gateway::backends::channel(&config.billing_url).context("BILLING_URL")?,
+        gateway::backends::channel(&config.usage_url).context("USAGE_URL")?,
+        token,
+        config.backend_deadline(),
+    );
+    let listener = TcpListener::bind(config.listen_addr)
+        .await
+        .with_context(|| format!("failed to listen on {}", config.listen_addr))?;
+    tracing::info!(addr = %config.listen_addr, routes = table.routes().len(), "gateway listening");
+    gateway::serve(
+        listener,
+        gateway::gateway(file, table, backends),
+        shutdown_signal(),
+    )
+    .await
+}
+
+/// Completes on SIGINT or SIGTERM, logging which arrived.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    let mut terminate =
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(signal) => signal,
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM; only SIGINT stops the gateway");
+                let _ = interrupt.await;
+                return;
+            }
+        };
+    tokio::select! {
+        _ = interrupt => tracing::info!("SIGINT received, shutting down"),
+        _ = terminate.recv() => tracing::info!("SIGTERM received, shutting down"),
+    }
+}

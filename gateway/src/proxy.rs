@@ -1,0 +1,690 @@
+//! The decision per request (DESIGN §2) and the forwarding that follows it.
+
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::SystemTime,
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::{Client, connect::HttpConnector};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use proto::{
+    billing::v1::{self as billing_pb, Standing},
+    usage::v1::{self as usage_pb, Decision},
+};
+
+use crate::{
+    backends::Backends,
+    entitlements::{EntitlementCache, Lookup},
+    headers::{self, Forwarding, KeySource},
+    problem::{Actions, Code, Money, Problem},
+    routes::{FailureMode, Route, RouteTable, RoutesFile},
+};
+
+/// Errors of bodies in flight; both directions stream.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The body of every answer.
+pub type Body = BoxBody<Bytes, BoxError>;
+
+/// Path under which the gateway serves its own health.
+pub const HEALTH_PATH: &str = "/_paygate/health";
+/// Path prefix of the human pages per problem code.
+pub const PROBLEMS_PATH: &str = "/problems/";
+
+/// Everything the decision needs, shared by all connections.
+pub struct Gateway {
+    pub routes: RouteTable,
+    pub file: RoutesFile,
+    pub backends: Backends,
+    pub cache: EntitlementCache,
+    pub upstream: Client<HttpConnector, Body>,
+    /// Units passed per (key digest, route prefix) while degraded, for `failure_mode = "open"` budgets.
+    pub degraded_passes: Mutex<HashMap<([u8; 32], String), u32>>,
+}
+
+/// Returns a client for upstreams: pooled keep-alive connections, no body buffering.
+pub fn upstream_client() -> Client<HttpConnector, Body> {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(std::time::Duration::from_secs(5)));
+    Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_idle_timeout(std::time::Duration::from_secs(60))
+        .pool_max_idle_per_host(256)
+        .build(connector)
+}
+
+fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// What an answer carries besides its status and body.
+#[derive(Default)]
+struct Extras {
+    retry_after: Option<u64>,
+    rate_limit: Option<(HeaderValue, HeaderValue)>,
+}
+
+impl Gateway {
+    fn problem_response(
+        &self,
+        problem: Problem,
+        request_id: &str,
+        extras: Extras,
+    ) -> Response<Body> {
+        let status =
+            StatusCode::from_u16(problem.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut response = Response::new(full(problem.to_json()));
+        *response.status_mut() = status;
+        let answer = response.headers_mut();
+        answer.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        answer.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if let Ok(id) = HeaderValue::from_str(request_id) {
+            answer.insert(headers::REQUEST_ID, id);
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            answer.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"paygate\", error=\"invalid_token\""),
+            );
+        }
+        if let Some(seconds) = extras.retry_after {
+            answer.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if let Some((policy, limit)) = extras.rate_limit {
+            answer.insert(headers::RATE_LIMIT_POLICY, policy);
+            answer.insert(headers::RATE_LIMIT, limit);
+        }
+        response
+    }
+
+    fn problem(&self, code: Code) -> Problem {
+        Problem::new(code, &self.file.problem_base_url)
+    }
+
+    fn actions(&self, code: Code) -> Option<Actions> {
+        let top_up = matches!(code, Code::CreditsExhausted | Code::QuotaExhausted)
+            .then(|| self.file.top_up_url.clone())
+            .flatten();
+        let upgrade = matches!(
+            code,
+            Code::QuotaExhausted
+                | Code::PlanExcludesRoute
+                | Code::SubscriptionRequired
+                | Code::SubscriptionInactive
+        )
+        .then(|| self.file.upgrade_url.clone())
+        .flatten();
+        (top_up.is_some() || upgrade.is_some()).then_some(Actions { top_up, upgrade })
+    }
+
+    /// Answers one request.
+    pub async fn handle(
+        self: Arc<Self>,
+        request: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Result<Response<Body>, Infallible> {
+        let request_id = request_id(request.headers());
+        let mut response = self.decide_and_forward(request, peer, &request_id).await;
+        if let Ok(id) = HeaderValue::from_str(&request_id) {
+            response.headers_mut().insert(headers::REQUEST_ID, id);
+        }
+        Ok(response)
+    }
+
+    async fn decide_and_forward(
+        &self,
+        request: Request<Incoming>,
+        peer: SocketAddr,
+        request_id: &str,
+    ) -> Response<Body> {
+        let path = request.uri().path();
+        if path == HEALTH_PATH {
+            return text_response(StatusCode::OK, "text/plain; charset=utf-8", "ok\n");
+        }
+        if let Some(code) = path.strip_prefix(PROBLEMS_PATH) {
+            return match Code::parse(code) {
+                Some(code) => text_response(
+                    StatusCode::OK,
+                    "text/html; charset=utf-8",
+                    crate::problem::page(code),
+                ),
+                None => self.problem_response(
+                    self.problem(Code::RouteNotFound),
+                    request_id,
+                    Extras::default(),
+                ),
+            };
+        }
+        if let Err(detail) = check_framing(request.headers()) {
+            return self.problem_response(
+                self.problem(Code::BadRequest).with_detail(detail),
+                request_id,
+                Extras::default(),
+            );
+        }
+        let Some(route) = self.routes.find(path).cloned() else {
+            return self.problem_response(
+                self.problem(Code::RouteNotFound),
+                request_id,
+                Extras::default(),
+            );
+        };
+        let Some((key, key_source)) = headers::api_key(request.headers()) else {
+            return self.problem_response(
+                self.problem(Code::MissingApiKey),
+                request_id,
+                Extras::default(),
+            );
+        };
+        // Malformed, unknown and revoked keys get one identical answer, decided before any lookup when the
+        // checksum already shows a typo.
+        if !proto::api_key::is_well_formed(key) {
+            return self.problem_response(
+                self.problem(Code::InvalidApiKey),
+                request_id,
+                Extras::default(),
+            );
+        }
+        let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
+        if declared_length(request.headers())
+            .is_some_and(|length| length > self.file.limits.max_body_bytes)
+        {
+            return self.problem_response(
+                self.problem(Code::PayloadTooLarge),
+                request_id,
+                Extras::default(),
+            );
+        }
+
+        let entitlement = match self.cache.lookup(digest).await {
+            Ok(Lookup::Known(entitlement)) => entitlement,
+            Ok(Lookup::Unknown) => {
+                return self.problem_response(
+                    self.problem(Code::InvalidApiKey),
+                    request_id,
+                    Extras::default(),
+                );
+            }
+            Err(error) => {
+                tracing::warn!(%error, route = %route.prefix, "billing could not resolve a key");
+                return self
+                    .degraded_or_unavailable(request, peer, &route, digest, key_source, request_id)
+                    .await;
+            }
+        };
+        if let Some(refusal) = self.refuse_by_standing(&entitlement, &route, request_id) {
+            return refusal;
+        }
+
+        let limits = entitlement.limits.unwrap_or_default();
+        let admission = usage_pb::AdmitRequest {
+            request_id: request_id.to_owned(),
+            customer_id: entitlement.customer_id.clone(),
+            subscription_id: entitlement.subscription_id.clone(),
+            units: route.price,
+            limits: Some(limits),
+            period_start: entitlement.period_start,
+            period_end: entitlement.period_end,
+        };
+        let decision = match self.backends.admit(admission).await {
+            Ok(decision) => decision,
+            Err(error) => {
+                tracing::warn!(%error, customer_id = %entitlement.customer_id, "usage could not admit");
+                return self
+                    .degraded_or_unavailable(request, peer, &route, digest, key_source, request_id)
+                    .await;
+            }
+        };
+        let rate_limit = rate_limit_headers(&limits, &decision);
+        match decision.decision() {
+            Decision::Admitted => {}
+            Decision::RateLimited => {
+                let seconds = decision.retry_after_ms.div_ceil(1000).max(1);
+                let mut problem = self.problem(Code::RateLimited).with_detail(format!(
+                    "Plan '{}' allows {} requests per {} ms with bursts of {}; retry in {} ms.",
+                    entitlement.plan_code,
+                    limits.rate_limit,
+                    limits.rate_period_ms,
+                    limits.burst,
+                    decision.retry_after_ms
+                ));
+                problem.plan = Some(entitlement.plan_code.clone());
+                problem.retry_after = Some(seconds);
+                let extras = Extras {
+                    retry_after: Some(seconds),
+                    rate_limit: Some(rate_limit),
+                };
+                return self.problem_response(problem, request_id, extras);
+            }
+            Decision::QuotaExhausted | Decision::CreditsExhausted | Decision::Unspecified => {
+                let code = if decision.decision() == Decision::QuotaExhausted {
+                    Code::QuotaExhausted
+                } else {
+                    Code::CreditsExhausted
+                };
+                let problem = self.quota_problem(code, &entitlement, &decision);
+                let extras = Extras {
+                    retry_after: None,
+                    rate_limit: Some(rate_limit),
+                };
+                return self.problem_response(problem, request_id, extras);
+            }
+        }
+
+        let forwarding = OwnedForwarding {
+            client_ip: peer.ip(),
+            host: request
+                .headers()
+                .get(header::HOST)
+                .and_then(|host| host.to_str().ok())
+                .map(str::to_owned),
+            customer_id: entitlement.customer_id.clone(),
+            plan_code: entitlement.plan_code.clone(),
+            key_source,
+        };
+        let response = self.forward(request, &route, &forwarding, request_id).await;
+        let refund = match &response {
+            Forwarded::Answer(answer) => answer.status().is_server_error(),
+            Forwarded::Unreachable | Forwarded::TimedOut => true,
+        };
+        if refund {
+            self.backends
+                .refund(&entitlement.customer_id, request_id)
+                .await;
+        }
+        let mut answer = match response {
+            Forwarded::Answer(answer) => answer,
+            Forwarded::Unreachable => {
+                return self.problem_response(
+                    self.problem(Code::UpstreamUnavailable),
+                    request_id,
+                    Extras::default(),
+                );
+            }
+            Forwarded::TimedOut => {
+                return self.problem_response(
+                    self.problem(Code::UpstreamTimeout),
+                    request_id,
+                    Extras::default(),
+                );
+            }
+        };
+        let answer_headers = answer.headers_mut();
+        answer_headers.insert(headers::RATE_LIMIT_POLICY, rate_limit.0);
+        answer_headers.insert(headers::RATE_LIMIT, rate_limit.1);
+        if decision.credits_remaining_micros >= 0 {
+            let money =
+                Money::from_micros(decision.credits_remaining_micros, &entitlement.currency);
+            if let Ok(value) =
+                HeaderValue::from_str(&format!("{} {}", money.amount, money.currency))
+            {
+                answer_headers.insert(headers::CREDITS_REMAINING, value);
+            }
+        }
+        if entitlement.standing() == Standing::PastDueInGrace {
+            answer_headers.insert(
+                headers::PAYMENT_WARNING,
+                HeaderValue::from_static("payment past due; pay to avoid interruption"),
+            );
+        }
+        answer
+    }
+
+    fn refuse_by_standing(
+        &self,
+        entitlement: &billing_pb::Entitlement,
+        route: &Route,
+        request_id: &str,
+    ) -> Option<Response<Body>> {
+        let code = match entitlement.standing() {
+            Standing::Good | Standing::PastDueInGrace => None,
+            Standing::PastDue => Some(Code::PaymentPastDue),
+            Standing::NoSubscription | Standing::Unspecified => Some(Code::SubscriptionRequired),
+            Standing::Inactive => Some(Code::SubscriptionInactive),
+        };
+        if let Some(code) = code {
+            let mut problem = self.problem(code);
+            if !entitlement.plan_code.is_empty() {
+                problem.plan = Some(entitlement.plan_code.clone());
+            }
+            problem.actions = self.actions(code);
+            return Some(self.problem_response(problem, request_id, Extras::default()));
+        }
+        let feature = route.feature.as_ref()?;
+        if entitlement
+            .features
+            .iter()
+            .any(|granted| granted == feature)
+        {
+            return None;
+        }
+        let mut problem = self.problem(Code::PlanExcludesRoute).with_detail(format!(
+            "Plan '{}' does not include '{feature}', which {} requires.",
+            entitlement.plan_code, route.prefix
+        ));
+        problem.plan = Some(entitlement.plan_code.clone());
+        problem.actions = self.actions(Code::PlanExcludesRoute);
+        Some(self.problem_response(problem, request_id, Extras::default()))
+    }
+
+    fn quota_problem(
+        &self,
+        code: Code,
+        entitlement: &billing_pb::Entitlement,
+        decision: &usage_pb::AdmitResponse,
+    ) -> Problem {
+        let detail = match code {
+            Code::QuotaExhausted => format!(
+                "Plan '{}' includes {} units per period and all {} are used.",
+                entitlement.plan_code, decision.quota_limit, decision.quota_used
+            ),
+            _ => format!(
+                "Your prepaid credits cannot cover this request on plan '{}'.",
+                entitlement.plan_code
+            ),
+        };
+        let mut problem = self.problem(code).with_detail(detail);
+        problem.plan = Some(entitlement.plan_code.clone());
+        problem.limit = Some(decision.quota_limit);
+        problem.used = Some(decision.quota_used);
+        problem.resets_at = decision.quota_resets_at.as_ref().and_then(rfc3339);
+        if decision.credits_remaining_micros >= 0 {
+            problem.balance = Some(Money::from_micros(
+                decision.credits_remaining_micros,
+                &entitlement.currency,
+            ));
+        }
+        problem.actions = self.actions(code);
+        problem
+    }
+
+    async fn degraded_or_unavailable(
+        &self,
+        request: Request<Incoming>,
+        peer: SocketAddr,
+        route: &Route,
+        digest: [u8; 32],
+        key_source: KeySource,
+        request_id: &str,
+    ) -> Response<Body> {
+        let unavailable = || {
+            self.problem_response(
+                self.problem(Code::BillingUnavailable),
+                request_id,
+                Extras {
+                    retry_after: Some(2),
+                    rate_limit: None,
+                },
+            )
+        };
+        if route.failure_mode == FailureMode::Closed {
+            return unavailable();
+        }
+        {
+            let mut passes = self
+                .degraded_passes
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let used = passes.entry((digest, route.prefix.clone())).or_insert(0);
+            let price = u32::try_from(route.price).unwrap_or(u32::MAX);
+            if used.saturating_add(price) > route.open_budget {
+                return unavailable();
+            }
+            *used += price;
+        }
+        tracing::warn!(route = %route.prefix, "forwarding without a decision (failure_mode = open)");
+        let forwarding = OwnedForwarding {
+            client_ip: peer.ip(),
+            host: None,
+            customer_id: String::new(),
+            plan_code: String::new(),
+            key_source,
+        };
+        match self.forward(request, route, &forwarding, request_id).await {
+            Forwarded::Answer(mut answer) => {
+                answer
+                    .headers_mut()
+                    .insert(headers::DEGRADED, HeaderValue::from_static("true"));
+                answer
+            }
+            Forwarded::Unreachable => self.problem_response(
+                self.problem(Code::UpstreamUnavailable),
+                request_id,
+                Extras::default(),
+            ),
+            Forwarded::TimedOut => self.problem_response(
+                self.problem(Code::UpstreamTimeout),
+                request_id,
+                Extras::default(),
+            ),
+        }
+    }
+
+    async fn forward(
+        &self,
+        request: Request<Incoming>,
+        route: &Route,
+        forwarding: &OwnedForwarding,
+        request_id: &str,
+    ) -> Forwarded {
+        let (mut parts, body) = request.into_parts();
+        let path_and_query = parts
+            .uri
+            .path_and_query()
+            .map(|value| value.as_str())
+            .unwrap_or("/");
+        let target = format!(
+            "{}{}{}",
+            route.upstream_origin, route.upstream_base_path, path_and_query
+        );
+        let Ok(uri) = target.parse() else {
+            return Forwarded::Unreachable;
+        };
+        parts.uri = uri;
+        parts.version = http::Version::HTTP_11;
+        headers::prepare_upstream_headers(
+            &mut parts.headers,
+            &Forwarding {
+                client_ip: forwarding.client_ip,
+                host: forwarding.host.as_deref(),
+                customer_id: &forwarding.customer_id,
+                plan_code: &forwarding.plan_code,
+                key_source: forwarding.key_source,
+            },
+        );
+        if let Ok(id) = HeaderValue::from_str(request_id) {
+            parts.headers.insert(headers::REQUEST_ID, id);
+        }
+        let limit = usize::try_from(self.file.limits.max_body_bytes).unwrap_or(usize::MAX);
+        let body = http_body_util::Limited::new(body, limit).boxed();
+        let outgoing = Request::from_parts(parts, body);
+        match tokio::time::timeout(route.timeout, self.upstream.request(outgoing)).await {
+            Err(_) => Forwarded::TimedOut,
+            Ok(Err(error)) => {
+                tracing::warn!(%error, route = %route.prefix, "upstream request failed");
+                Forwarded::Unreachable
+            }
+            Ok(Ok(answer)) => {
+                let (mut parts, body) = answer.into_parts();
+                headers::prepare_client_headers(&mut parts.headers);
+                Forwarded::Answer(Response::from_parts(
+                    parts,
+                    body.map_err(BoxError::from).boxed(),
+                ))
+            }
+        }
+    }
+}
+
+enum Forwarded {
+    Answer(Response<Body>),
+    Unreachable,
+    TimedOut,
+}
+
+/// `Forwarding` with owned strings, so it can outlive the request it was read from.
+struct OwnedForwarding {
+    client_ip: std::net::IpAddr,
+    host: Option<String>,
+    customer_id: String,
+    plan_code: String,
+    key_source: KeySource,
+}
+
+fn text_response(
+    status: StatusCode,
+    content_type: &'static str,
+    text: impl Into<Bytes>,
+) -> Response<Body> {
+    let mut response = Response::new(full(text));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+/// Returns the client's `X-Request-Id` when it is a sane one, otherwise a fresh UUID.
+fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get(headers::REQUEST_ID)
+        .and_then(|value| value.to_str().ok())
+        .filter(|id| {
+            !id.is_empty() && id.len() <= 128 && id.bytes().all(|byte| byte.is_ascii_graphic())
+        })
+        .map(str::to_owned)
+        .unwrap_or_else(|| Uuid::new_v4().to_string())
+}
+
+/// Refuses framing a proxy could read differently from the upstream (request smuggling).
+fn check_framing(headers: &HeaderMap) -> Result<(), &'static str> {
+    let lengths: Vec<&HeaderValue> = headers.get_all(header::CONTENT_LENGTH).iter().collect();
+    if !lengths.is_empty() && headers.contains_key(header::TRANSFER_ENCODING) {
+        return Err("Both Content-Length and Transfer-Encoding were sent; send only one.");
+    }
+    if lengths.len() > 1 {
+        return Err("Content-Length was sent more than once; send it once.");
+    }
+    if let Some(length) = lengths.first() {
+        let valid = length
+            .to_str()
+            .is_ok_and(|text| !text.is_empty() && text.bytes().all(|byte| byte.is_ascii_digit()));
+        if !valid {
+            return Err("Content-Length must be a non-negative integer.");
+        }
+    }
+    Ok(())
+}
+
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// Builds the IETF `RateLimit-Policy` and `RateLimit` headers (draft 10 syntax) for the period quota.
+fn rate_limit_headers(
+    limits: &billing_pb::Limits,
+    decision: &usage_pb::AdmitResponse,
+) -> (HeaderValue, HeaderValue) {
+    let reset_seconds = decision
+        .quota_resets_at
+        .as_ref()
+        .map(|reset| {
+            let now = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|elapsed| elapsed.as_secs())
+                .unwrap_or(0);
+            u64::try_from(reset.seconds)
+                .unwrap_or(0)
+                .saturating_sub(now)
+        })
+        .unwrap_or(0);
+    let remaining = (decision.quota_limit - decision.quota_used).max(0);
+    let mut policy = format!("\"quota\";q={}", limits.included_units);
+    if limits.rate_limit > 0 {
+        policy.push_str(&format!(
+            ", \"rate\";q={};w={}",
+            limits.rate_limit,
+            u64::from(limits.rate_period_ms).div_ceil(1000)
+        ));
+    }
+    let limit = format!("\"quota\";r={remaining};t={reset_seconds}");
+    (
+        HeaderValue::from_str(&policy).unwrap_or_else(|_| HeaderValue::from_static("\"quota\"")),
+        HeaderValue::from_str(&limit).unwrap_or_else(|_| HeaderValue::from_static("\"quota\"")),
+    )
+}
+
+fn rfc3339(timestamp: &prost_types::Timestamp) -> Option<String> {
+    let instant = time::OffsetDateTime::from_unix_timestamp(timestamp.seconds).ok()?;
+    instant
+        .format(&time::format_description::well_known::Rfc3339)
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(
+                http::HeaderName::from_bytes(name.as_bytes()).expect("name"),
+                HeaderValue::from_str(value).expect("value"),
+            );
+        }
+        map
+    }
+
+    #[test]
+    fn ambiguous_framing_is_refused() {
+        assert!(
+            check_framing(&headers(&[
+                ("content-length", "5"),
+                ("transfer-encoding", "chunked")
+            ]))
+            .is_err()
+        );
+        assert!(
+            check_framing(&headers(&[
+                ("content-length", "5"),
+                ("content-length", "5")
+            ]))
+            .is_err()
+        );
+        assert!(check_framing(&headers(&[("content-length", "+5")])).is_err());
+        assert!(check_framing(&headers(&[("content-length", "5")])).is_ok());
+        assert!(check_framing(&headers(&[("transfer-encoding", "chunked")])).is_ok());
+    }
+
+    #[test]
+    fn a_sane_client_request_id_is_kept_and_anything_else_replaced() {
+        assert_eq!(
+            request_id(&headers(&[("x-request-id", "abc-123")])),
+            "abc-123"
+        );
+        assert_ne!(
+            request_id(&headers(&[("x-request-id", "has space")])),
+            "has space"
+        );
+        assert_eq!(request_id(&HeaderMap::new()).len(), 36);
+    }
+}
