@@ -3,7 +3,7 @@
 //!
 //! The breaker is `failsafe`'s state machine, used directly around our own deadline-bounded calls (no
 //! tower layering over tonic channels needed): after 3 consecutive failures it opens for an exponentially
-//! growing pause (250 ms to 5 s), then lets a trial call through.
+//! growing pause (1 s to 10 s; failsafe counts whole seconds), then lets a trial call through.
 
 use std::time::Duration;
 
@@ -30,7 +30,7 @@ type Breaker = StateMachine<ConsecutiveFailures<Exponential>, ()>;
 fn breaker() -> Breaker {
     let policy = failure_policy::consecutive_failures(
         3,
-        backoff::exponential(Duration::from_millis(250), Duration::from_secs(5)),
+        backoff::exponential(Duration::from_secs(1), Duration::from_secs(10)),
     );
     failsafe::Config::new().failure_policy(policy).build()
 }

@@ -5,12 +5,18 @@
 //! - `postgres`: the throwaway PostgreSQL cluster a test process starts when `DATABASE_URL` is unset
 //! - `redis_server`: the throwaway Redis server a test process starts when `REDIS_URL` is unset
 //! - `usage_service`: the usage service in-process, its clients and counters
+//! - `gateway_service`: the gateway in-process, a scriptable upstream and an HTTP client
 //! - this file: `fresh_database`, `spawn_billing`, the clients and small request builders
 
+mod gateway_service;
 mod postgres;
 mod redis_server;
 mod usage_service;
 
+pub use gateway_service::{
+    Answer, GatewayInstance, Upstream, UpstreamBody, body, get, http_client, send, spawn_gateway,
+    spawn_ok_upstream, spawn_upstream,
+};
 pub use usage_service::{
     ExtraRedis, TEST_REPORT_INTERVAL, UsageClient, UsageInstance, counters, redis_connection,
     redis_url, spawn_usage, spawn_usage_with, spawn_usage_with_prefix, start_extra_redis,

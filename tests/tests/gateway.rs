@@ -1,0 +1,343 @@
+//! The gateway through the real stack: billing (real PostgreSQL), usage (real Redis), an HTTP upstream.
+
+use std::sync::Arc;
+
+use http::{Response, StatusCode};
+use integration_tests::{
+    Answer, BillingInstance, body, customer_request, fresh_database, get, http_client,
+    plan_request, send, spawn_billing_with_clock, spawn_gateway, spawn_ok_upstream, spawn_upstream,
+    spawn_usage,
+};
+use proto::billing::v1::{
+    self as billing_pb, CancelSubscriptionRequest, CreateSubscriptionRequest, IssueApiKeyRequest,
+    RevokeApiKeyRequest,
+};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+fn routes(upstream: std::net::SocketAddr) -> String {
+    format!(
+        r#"
+        problem_base_url = "https://docs.example.com/problems"
+        top_up_url = "https://billing.example.com/top-up"
+        upgrade_url = "https://billing.example.com/plans"
+
+        [[routes]]
+        prefix = "/v1"
+        upstream = "http://{upstream}"
+
+        [[routes]]
+        prefix = "/v1/premium"
+        upstream = "http://{upstream}"
+        feature = "premium"
+        "#
+    )
+}
+
+/// Billing with its clock at the real now, so entitlements' lifetimes are in the future.
+async fn billing_now() -> BillingInstance {
+    let clock = Arc::new(billing::ManualClock::new(OffsetDateTime::now_utc()));
+    spawn_billing_with_clock(fresh_database().await, clock).await
+}
+
+struct Customer {
+    id: String,
+    subscription_id: Option<String>,
+    key_id: String,
+    secret: String,
+}
+
+async fn customer(billing: &BillingInstance, included_units: Option<i64>) -> Customer {
+    let mut admin = billing.admin().await;
+    let customer = admin
+        .create_customer(customer_request(&Uuid::new_v4().to_string()))
+        .await
+        .expect("customer")
+        .into_inner();
+    let mut subscription_id = None;
+    if let Some(included_units) = included_units {
+        let plan = admin
+            .create_plan(billing_pb::CreatePlanRequest {
+                price_micros: 0,
+                included_units,
+                ..plan_request(&format!("p{}", Uuid::new_v4().simple()))
+            })
+            .await
+            .expect("plan")
+            .into_inner();
+        let subscription = admin
+            .create_subscription(CreateSubscriptionRequest {
+                customer_id: customer.id.clone(),
+                plan_id: plan.id,
+            })
+            .await
+            .expect("subscription")
+            .into_inner();
+        subscription_id = Some(subscription.id);
+    }
+    let key = admin
+        .issue_api_key(IssueApiKeyRequest {
+            customer_id: customer.id.clone(),
+            name: "test".into(),
+        })
+        .await
+        .expect("key")
+        .into_inner();
+    Customer {
+        id: customer.id,
+        subscription_id,
+        key_id: key.key.expect("key").id,
+        secret: key.secret,
+    }
+}
+
+fn assert_problem(answer: &Answer, status: u16, code: &str) {
+    assert_eq!(answer.status.as_u16(), status, "{:?}", answer.body);
+    assert_eq!(answer.headers["content-type"], "application/problem+json");
+    let problem = answer.json();
+    assert_eq!(problem["status"], status);
+    assert_eq!(problem["code"], code);
+    assert_eq!(
+        problem["type"],
+        format!(
+            "https://docs.example.com/problems/{}",
+            code.replace('_', "-")
+        )
+    );
+    assert!(
+        problem["title"]
+            .as_str()
+            .is_some_and(|title| !title.is_empty())
+    );
+    assert!(
+        problem["detail"]
+            .as_str()
+            .is_some_and(|detail| !detail.is_empty())
+    );
+}
+
+#[tokio::test]
+async fn an_admitted_request_reaches_the_upstream_with_identity_and_without_the_key() {
+    let billing = billing_now().await;
+    let usage = spawn_usage(&billing).await;
+    let upstream = spawn_ok_upstream().await;
+    let gateway = spawn_gateway(&billing, &usage, &routes(upstream.addr)).await;
+    let customer = customer(&billing, Some(10)).await;
+    let client = http_client();
+
+    let answer = send(
+        &client,
+        get(
+            &gateway.url("/v1/things?x=1"),
+            &[
+                ("authorization", &format!("Bearer {}", customer.secret)),
+                ("x-request-id", "req-abc"),
+                ("paygate-customer", "someone-else"),
+            ],
+        ),
+    )
+    .await;
+
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.body, "ok");
+    assert_eq!(answer.headers["x-request-id"], "req-abc");
+    assert_eq!(
+        answer.headers["ratelimit"]
+            .to_str()
+            .expect("ascii")
+            .split(';')
+            .nth(1),
+        Some("r=9")
+    );
+    assert!(answer.headers.contains_key("ratelimit-policy"));
+    assert_eq!(upstream.hits(), 1);
+    let seen = &upstream.seen()[0];
+    assert!(!seen.contains_key("authorization"));
+    assert_eq!(
+        seen.get_all("paygate-customer").iter().collect::<Vec<_>>(),
+        [customer.id.as_str()]
+    );
+    assert_eq!(seen["x-request-id"], "req-abc");
+}
+
+#[tokio::test]
+async fn missing_malformed_unknown_and_revoked_keys_get_401_and_the_last_three_look_alike() {
+    let billing = billing_now().await;
+    let usage = spawn_usage(&billing).await;
+    let upstream = spawn_ok_upstream().await;
+    let gateway = spawn_gateway(&billing, &usage, &routes(upstream.addr)).await;
+    let revoked = customer(&billing, Some(10)).await;
+    billing
+        .admin()
+        .await
+        .revoke_api_key(RevokeApiKeyRequest {
+            key_id: revoked.key_id.clone(),
+        })
+        .await
+        .expect("revoke");
+    let unknown = proto::api_key::assemble("0123456789abcdefghijABCDEFGHIJxyz");
+    let client = http_client();
+    let call = |key: String| {
+        let client = client.clone();
+        let url = gateway.url("/v1/things");
+        async move {
+            send(
+                &client,
+                get(&url, &[("x-api-key", &key), ("x-request-id", "same")]),
+            )
+            .await
+        }
+    };
+
+    let missing = send(&client, get(&gateway.url("/v1/things"), &[])).await;
+    let malformed = call("pg_live_nonsense".into()).await;
+    let not_known = call(unknown).await;
+    let was_revoked = call(revoked.secret.clone()).await;
+
+    assert_problem(&missing, 401, "missing_api_key");
+    assert!(missing.headers.contains_key("www-authenticate"));
+    assert_problem(&malformed, 401, "invalid_api_key");
+    assert_eq!(malformed.body, not_known.body);
+    assert_eq!(malformed.body, was_revoked.body);
+    assert_eq!(
+        malformed.headers["www-authenticate"],
+        was_revoked.headers["www-authenticate"]
+    );
+    assert_eq!(upstream.hits(), 0);
+}
+
+#[tokio::test]
+async fn a_used_up_quota_is_402_with_what_was_used_and_when_it_resets() {
+    let billing = billing_now().await;
+    let usage = spawn_usage(&billing).await;
+    let upstream = spawn_ok_upstream().await;
+    let gateway = spawn_gateway(&billing, &usage, &routes(upstream.addr)).await;
+    let customer = customer(&billing, Some(2)).await;
+    let client = http_client();
+    let key = format!("Bearer {}", customer.secret);
+
+    let mut answers = Vec::new();
+    for _ in 0..3 {
+        answers.push(
+            send(
+                &client,
+                get(&gateway.url("/v1/things"), &[("authorization", &key)]),
+            )
+            .await,
+        );
+    }
+
+    assert_eq!(answers[0].status, StatusCode::OK);
+    assert_eq!(answers[1].status, StatusCode::OK);
+    assert_problem(&answers[2], 402, "quota_exhausted");
+    let problem = answers[2].json();
+    assert_eq!(problem["limit"], 2);
+    assert_eq!(problem["used"], 2);
+    assert!(
+        problem["resets_at"]
+            .as_str()
+            .is_some_and(|at| at.ends_with('Z'))
+    );
+    assert_eq!(
+        problem["actions"]["upgrade"],
+        "https://billing.example.com/plans"
+    );
+    assert_eq!(upstream.hits(), 2);
+}
+
+#[tokio::test]
+async fn no_route_no_subscription_a_cancelled_one_and_a_missing_feature_are_refused() {
+    let billing = billing_now().await;
+    let usage = spawn_usage(&billing).await;
+    let upstream = spawn_ok_upstream().await;
+    let gateway = spawn_gateway(&billing, &usage, &routes(upstream.addr)).await;
+    let unsubscribed = customer(&billing, None).await;
+    let cancelled = customer(&billing, Some(10)).await;
+    let subscribed = customer(&billing, Some(10)).await;
+    billing
+        .admin()
+        .await
+        .cancel_subscription(CancelSubscriptionRequest {
+            subscription_id: cancelled.subscription_id.clone().expect("subscribed"),
+            at_period_end: false,
+        })
+        .await
+        .expect("cancel");
+    let client = http_client();
+    let with_key = |customer: &Customer, path: &str| {
+        get(
+            &gateway.url(path),
+            &[("authorization", &format!("Bearer {}", customer.secret))],
+        )
+    };
+
+    let no_route = send(&client, with_key(&subscribed, "/v2/things")).await;
+    let required = send(&client, with_key(&unsubscribed, "/v1/things")).await;
+    let inactive = send(&client, with_key(&cancelled, "/v1/things")).await;
+    let excluded = send(&client, with_key(&subscribed, "/v1/premium/x")).await;
+
+    assert_problem(&no_route, 404, "route_not_found");
+    assert_problem(&required, 402, "subscription_required");
+    assert_problem(&inactive, 402, "subscription_inactive");
+    assert_problem(&excluded, 403, "plan_excludes_route");
+    assert_eq!(upstream.hits(), 0);
+}
+
+#[tokio::test]
+async fn an_upstream_5xx_is_passed_on_and_its_units_are_given_back() {
+    let billing = billing_now().await;
+    let usage = spawn_usage(&billing).await;
+    let upstream = spawn_upstream(|request| async move {
+        let status = if request.uri().path().ends_with("/fail") {
+            StatusCode::SERVICE_UNAVAILABLE
+        } else {
+            StatusCode::OK
+        };
+        let mut response = Response::new(body("upstream says"));
+        *response.status_mut() = status;
+        response
+    })
+    .await;
+    let gateway = spawn_gateway(&billing, &usage, &routes(upstream.addr)).await;
+    let customer = customer(&billing, Some(1)).await;
+    let client = http_client();
+    let key = format!("Bearer {}", customer.secret);
+
+    let failed = send(
+        &client,
+        get(&gateway.url("/v1/fail"), &[("authorization", &key)]),
+    )
+    .await;
+    let at_the_edge = send(
+        &client,
+        get(&gateway.url("/v1/ok"), &[("authorization", &key)]),
+    )
+    .await;
+    let beyond = send(
+        &client,
+        get(&gateway.url("/v1/ok"), &[("authorization", &key)]),
+    )
+    .await;
+
+    assert_eq!(failed.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(failed.body, "upstream says");
+    assert_eq!(at_the_edge.status, StatusCode::OK);
+    assert_problem(&beyond, 402, "quota_exhausted");
+}
+
+#[tokio::test]
+async fn problem_pages_and_health_are_served_by_the_gateway_itself() {
+    let billing = billing_now().await;
+    let usage = spawn_usage(&billing).await;
+    let upstream = spawn_ok_upstream().await;
+    let gateway = spawn_gateway(&billing, &usage, &routes(upstream.addr)).await;
+    let client = http_client();
+
+    let page = send(&client, get(&gateway.url("/problems/quota-exhausted"), &[])).await;
+    let health = send(&client, get(&gateway.url("/_paygate/health"), &[])).await;
+
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(String::from_utf8_lossy(&page.body).contains("Quota exhausted"));
+    assert_eq!(health.status, StatusCode::OK);
+    gateway.shutdown().await;
+}
