@@ -112,20 +112,33 @@ pub struct GatewayInstance {
     task: JoinHandle<Result<(), String>>,
 }
 
+/// How long the test gateways wait for billing or usage.
+pub const TEST_BACKEND_DEADLINE: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Starts a gateway on a free port with `routes` (a routes file's TOML), asking `billing` and `usage`.
 pub async fn spawn_gateway(
     billing: &BillingInstance,
     usage: &UsageInstance,
     routes: &str,
 ) -> GatewayInstance {
+    spawn_gateway_at(billing.addr, usage.addr, routes).await
+}
+
+/// Starts a gateway asking billing and usage at the given addresses (which may be anything, such as a
+/// listener that never answers).
+pub async fn spawn_gateway_at(
+    billing: SocketAddr,
+    usage: SocketAddr,
+    routes: &str,
+) -> GatewayInstance {
     let (file, table) = gateway::routes::parse_routes_file(routes)
         .unwrap_or_else(|error| panic!("bad routes: {error}"));
     let token = proto::auth::BearerToken::new(SERVICE_TOKEN).expect("a valid token");
     let backends = gateway::backends::Backends::new(
-        gateway::backends::channel(&format!("http://{}", billing.addr)).expect("billing URL"),
-        gateway::backends::channel(&format!("http://{}", usage.addr)).expect("usage URL"),
+        gateway::backends::channel(&format!("http://{billing}")).expect("billing URL"),
+        gateway::backends::channel(&format!("http://{usage}")).expect("usage URL"),
         token,
-        std::time::Duration::from_millis(500),
+        TEST_BACKEND_DEADLINE,
     );
     let listener = TcpListener::bind("127.0.0.1:0")
         .await
@@ -204,4 +217,27 @@ pub fn get(url: &str, headers: &[(&str, &str)]) -> Request<Full<Bytes>> {
     builder
         .body(Full::new(Bytes::new()))
         .expect("a valid request")
+}
+
+/// A TCP listener that accepts connections and never answers on them: a backend that hangs.
+pub struct Tarpit {
+    pub addr: SocketAddr,
+    _task: JoinHandle<()>,
+}
+
+/// Starts a tarpit on a free port.
+pub async fn spawn_tarpit() -> Tarpit {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("failed to bind the tarpit");
+    let addr = listener
+        .local_addr()
+        .expect("a bound listener has an address");
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            held.push(stream);
+        }
+    });
+    Tarpit { addr, _task: task }
 }

@@ -14,8 +14,9 @@ mod redis_server;
 mod usage_service;
 
 pub use gateway_service::{
-    Answer, GatewayInstance, Upstream, UpstreamBody, body, get, http_client, send, spawn_gateway,
-    spawn_ok_upstream, spawn_upstream,
+    Answer, GatewayInstance, TEST_BACKEND_DEADLINE, Tarpit, Upstream, UpstreamBody, body, get,
+    http_client, send, spawn_gateway, spawn_gateway_at, spawn_ok_upstream, spawn_tarpit,
+    spawn_upstream,
 };
 pub use usage_service::{
     ExtraRedis, TEST_REPORT_INTERVAL, UsageClient, UsageInstance, counters, redis_connection,

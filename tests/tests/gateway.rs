@@ -341,3 +341,173 @@ async fn problem_pages_and_health_are_served_by_the_gateway_itself() {
     assert_eq!(health.status, StatusCode::OK);
     gateway.shutdown().await;
 }
+
+/// Sends raw bytes (for framing HTTP clients refuse to produce) and reads one answer.
+async fn raw_exchange(addr: std::net::SocketAddr, request: &[u8]) -> Answer {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(request).await.expect("write");
+    let mut received = Vec::new();
+    let mut buffer = [0_u8; 4096];
+    let head_end = loop {
+        let read = stream.read(&mut buffer).await.expect("read");
+        assert!(
+            read > 0,
+            "connection closed before an answer: {:?}",
+            String::from_utf8_lossy(&received)
+        );
+        received.extend_from_slice(&buffer[..read]);
+        if let Some(end) = received.windows(4).position(|window| window == b"\r\n\r\n") {
+            break end + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&received[..head_end]).to_string();
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines
+        .next()
+        .and_then(|line| line.split(' ').nth(1))
+        .and_then(|code| code.parse().ok())
+        .expect("a status line");
+    let mut headers = http::HeaderMap::new();
+    for line in lines.filter(|line| !line.is_empty()) {
+        let (name, value) = line.split_once(':').expect("a header line");
+        headers.append(
+            http::HeaderName::from_bytes(name.trim().as_bytes()).expect("name"),
+            http::HeaderValue::from_str(value.trim()).expect("value"),
+        );
+    }
+    let length: usize = headers
+        .get("content-length")
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(0);
+    while received.len() < head_end + length {
+        let read = stream.read(&mut buffer).await.expect("read");
+        if read == 0 {
+            break;
+        }
+        received.extend_from_slice(&buffer[..read]);
+    }
+    Answer {
+        status: StatusCode::from_u16(status).expect("status"),
+        headers,
+        body: bytes::Bytes::copy_from_slice(
+            &received[head_end..(head_end + length).min(received.len())],
+        ),
+    }
+}
+
+#[tokio::test]
+async fn conflicting_content_lengths_are_400_and_never_forwarded() {
+    let billing = billing_now().await;
+    let usage = spawn_usage(&billing).await;
+    let upstream = spawn_ok_upstream().await;
+    let gateway = spawn_gateway(&billing, &usage, &routes(upstream.addr)).await;
+    let customer = customer(&billing, Some(10)).await;
+
+    let answer = raw_exchange(
+        gateway.addr,
+        format!(
+            "POST /v1/x HTTP/1.1\r\nHost: a\r\nX-API-Key: {}\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+            customer.secret
+        )
+        .as_bytes(),
+    )
+    .await;
+
+    assert_eq!(answer.status, StatusCode::BAD_REQUEST);
+    assert_eq!(upstream.hits(), 0);
+}
+
+#[tokio::test]
+async fn a_content_length_beside_chunked_encoding_never_reaches_the_upstream() {
+    let billing = billing_now().await;
+    let usage = spawn_usage(&billing).await;
+    let upstream = spawn_upstream(|request| async move {
+        use http_body_util::BodyExt;
+        let received = request
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        Response::new(body(received))
+    })
+    .await;
+    let gateway = spawn_gateway(&billing, &usage, &routes(upstream.addr)).await;
+    let customer = customer(&billing, Some(10)).await;
+
+    let answer = raw_exchange(
+        gateway.addr,
+        format!(
+            "POST /v1/x HTTP/1.1\r\nHost: a\r\nX-API-Key: {}\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+            customer.secret
+        )
+        .as_bytes(),
+    )
+    .await;
+
+    // The chunked framing wins (RFC 9112 §6.3) and the stale length is dropped before forwarding, so the
+    // upstream cannot read the body differently from the gateway.
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.body, "abc");
+    assert!(!upstream.seen()[0].contains_key("content-length"));
+}
+
+#[tokio::test]
+async fn a_body_over_the_limit_is_413_before_it_is_read_and_charges_nothing() {
+    let billing = billing_now().await;
+    let usage = spawn_usage(&billing).await;
+    let upstream = spawn_ok_upstream().await;
+    let limited = format!(
+        "{}\n[limits]\nmax_body_bytes = 1024\n",
+        routes(upstream.addr)
+    );
+    let gateway = spawn_gateway(&billing, &usage, &limited).await;
+    let customer = customer(&billing, Some(1)).await;
+    let client = http_client();
+    let key = format!("Bearer {}", customer.secret);
+    let big = http::Request::post(gateway.url("/v1/upload"))
+        .header("authorization", &key)
+        .body(http_body_util::Full::new(bytes::Bytes::from(vec![
+            b'x';
+            4096
+        ])))
+        .expect("request");
+
+    let refused = send(&client, big).await;
+    let then = send(
+        &client,
+        get(&gateway.url("/v1/x"), &[("authorization", &key)]),
+    )
+    .await;
+
+    assert_problem(&refused, 413, "payload_too_large");
+    assert_eq!(
+        then.status,
+        StatusCode::OK,
+        "the only unit of the quota was still there"
+    );
+    assert_eq!(upstream.hits(), 1);
+}
+
+#[tokio::test]
+async fn too_many_headers_are_refused_with_431() {
+    let billing = billing_now().await;
+    let usage = spawn_usage(&billing).await;
+    let upstream = spawn_ok_upstream().await;
+    let gateway = spawn_gateway(&billing, &usage, &routes(upstream.addr)).await;
+    let many: String = (0..150)
+        .map(|index| format!("X-Filler-{index}: {index}\r\n"))
+        .collect();
+
+    let answer = raw_exchange(
+        gateway.addr,
+        format!("GET /v1/x HTTP/1.1\r\nHost: a\r\n{many}\r\n").as_bytes(),
+    )
+    .await;
+
+    assert_eq!(answer.status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    assert_eq!(upstream.hits(), 0);
+}
