@@ -511,3 +511,285 @@ async fn too_many_headers_are_refused_with_431() {
     assert_eq!(answer.status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
     assert_eq!(upstream.hits(), 0);
 }
+
+async fn plan_customer(billing: &BillingInstance, plan: billing_pb::CreatePlanRequest) -> Customer {
+    let mut admin = billing.admin().await;
+    let plan = admin.create_plan(plan).await.expect("plan").into_inner();
+    let customer = admin
+        .create_customer(customer_request(&Uuid::new_v4().to_string()))
+        .await
+        .expect("customer")
+        .into_inner();
+    let subscription = admin
+        .create_subscription(CreateSubscriptionRequest {
+            customer_id: customer.id.clone(),
+            plan_id: plan.id,
+        })
+        .await
+        .expect("subscription")
+        .into_inner();
+    let key = admin
+        .issue_api_key(IssueApiKeyRequest {
+            customer_id: customer.id.clone(),
+            name: "test".into(),
+        })
+        .await
+        .expect("key")
+        .into_inner();
+    Customer {
+        id: customer.id,
+        subscription_id: Some(subscription.id),
+        key_id: key.key.expect("key").id,
+        secret: key.secret,
+    }
+}
+
+fn unique_code() -> String {
+    format!("p{}", Uuid::new_v4().simple())
+}
+
+#[tokio::test]
+async fn a_burst_over_the_rate_limit_is_429_with_retry_after_and_ratelimit_headers() {
+    let billing = billing_now().await;
+    let usage = spawn_usage(&billing).await;
+    let upstream = spawn_ok_upstream().await;
+    let gateway = spawn_gateway(&billing, &usage, &routes(upstream.addr)).await;
+    let plan = billing_pb::CreatePlanRequest {
+        price_micros: 0,
+        rate_limit: 1,
+        rate_period_ms: 60_000,
+        burst: 1,
+        ..plan_request(&unique_code())
+    };
+    let customer = plan_customer(&billing, plan).await;
+    let client = http_client();
+    let key = format!("Bearer {}", customer.secret);
+
+    let first = send(
+        &client,
+        get(&gateway.url("/v1/x"), &[("authorization", &key)]),
+    )
+    .await;
+    let second = send(
+        &client,
+        get(&gateway.url("/v1/x"), &[("authorization", &key)]),
+    )
+    .await;
+
+    assert_eq!(first.status, StatusCode::OK);
+    assert_problem(&second, 429, "rate_limited");
+    let retry_after: u64 = second.headers["retry-after"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("seconds");
+    assert!(
+        (59..=60).contains(&retry_after),
+        "retry-after {retry_after}"
+    );
+    assert!(
+        second.headers["ratelimit-policy"]
+            .to_str()
+            .expect("ascii")
+            .contains("\"rate\";q=1;w=60")
+    );
+    assert!(second.headers.contains_key("ratelimit"));
+    assert_eq!(upstream.hits(), 1);
+}
+
+#[tokio::test]
+async fn a_payment_past_due_beyond_grace_is_402_and_inside_grace_passes_with_a_warning() {
+    let billing = billing_now().await;
+    let usage = spawn_usage(&billing).await;
+    let upstream = spawn_ok_upstream().await;
+    let gateway = spawn_gateway(&billing, &usage, &routes(upstream.addr)).await;
+    let no_grace = plan_customer(
+        &billing,
+        billing_pb::CreatePlanRequest {
+            grace_period_seconds: 0,
+            ..plan_request(&unique_code())
+        },
+    )
+    .await;
+    let with_grace = plan_customer(&billing, plan_request(&unique_code())).await;
+    let client = http_client();
+
+    let refused = send(
+        &client,
+        get(&gateway.url("/v1/x"), &[("x-api-key", &no_grace.secret)]),
+    )
+    .await;
+    let warned = send(
+        &client,
+        get(&gateway.url("/v1/x"), &[("x-api-key", &with_grace.secret)]),
+    )
+    .await;
+
+    assert_problem(&refused, 402, "payment_past_due");
+    assert_eq!(warned.status, StatusCode::OK);
+    assert!(warned.headers.contains_key("paygate-payment-warning"));
+}
+
+#[tokio::test]
+async fn credits_exhausted_is_402_and_a_top_up_admits_again() {
+    let billing = billing_now().await;
+    let usage = spawn_usage(&billing).await;
+    let upstream = spawn_ok_upstream().await;
+    let gateway = spawn_gateway(&billing, &usage, &routes(upstream.addr)).await;
+    let customer = plan_customer(
+        &billing,
+        billing_pb::CreatePlanRequest {
+            price_micros: 0,
+            included_units: 0,
+            overage_mode: billing_pb::OverageMode::Credits.into(),
+            unit_price_micros: 1_000_000,
+            ..plan_request(&unique_code())
+        },
+    )
+    .await;
+    let client = http_client();
+    let key = format!("Bearer {}", customer.secret);
+
+    let refused = send(
+        &client,
+        get(&gateway.url("/v1/x"), &[("authorization", &key)]),
+    )
+    .await;
+    billing
+        .admin()
+        .await
+        .record_payment(integration_tests::payment_request(
+            "top-up-1",
+            &customer.id,
+            billing_pb::PaymentPurpose::CreditTopUp,
+            billing_pb::PaymentOutcome::Succeeded,
+            5_000_000,
+        ))
+        .await
+        .expect("top-up");
+    // The top-up travels billing → change feed → usage; wait for it, bounded.
+    let admitted = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        loop {
+            let answer = send(
+                &client,
+                get(&gateway.url("/v1/x"), &[("authorization", &key)]),
+            )
+            .await;
+            if answer.status == StatusCode::OK {
+                return answer;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("admitted within 5 s of the top-up");
+
+    assert_problem(&refused, 402, "credits_exhausted");
+    assert_eq!(refused.json()["balance"]["amount"], "0.00");
+    assert_eq!(
+        refused.json()["actions"]["top_up"],
+        "https://billing.example.com/top-up"
+    );
+    assert_eq!(admitted.headers["paygate-credits-remaining"], "4.00 USD");
+}
+
+#[tokio::test]
+async fn an_unreachable_upstream_is_502_a_slow_one_504_and_both_give_the_units_back() {
+    let billing = billing_now().await;
+    let usage = spawn_usage(&billing).await;
+    let closed_port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("addr")
+    };
+    let slow = spawn_upstream(|_| async {
+        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+        Response::new(body("late"))
+    })
+    .await;
+    let fast = spawn_ok_upstream().await;
+    let routes = format!(
+        r#"
+        problem_base_url = "https://docs.example.com/problems"
+        [[routes]]
+        prefix = "/down"
+        upstream = "http://{closed_port}"
+        [[routes]]
+        prefix = "/slow"
+        upstream = "http://{}"
+        timeout_ms = 200
+        [[routes]]
+        prefix = "/v1"
+        upstream = "http://{}"
+        "#,
+        slow.addr, fast.addr
+    );
+    let gateway = spawn_gateway(&billing, &usage, &routes).await;
+    let customer = customer(&billing, Some(1)).await;
+    let client = http_client();
+    let key = format!("Bearer {}", customer.secret);
+
+    let unreachable = send(
+        &client,
+        get(&gateway.url("/down/x"), &[("authorization", &key)]),
+    )
+    .await;
+    let timed_out = send(
+        &client,
+        get(&gateway.url("/slow/x"), &[("authorization", &key)]),
+    )
+    .await;
+    let at_the_edge = send(
+        &client,
+        get(&gateway.url("/v1/x"), &[("authorization", &key)]),
+    )
+    .await;
+
+    assert_problem(&unreachable, 502, "upstream_unavailable");
+    assert_problem(&timed_out, 504, "upstream_timeout");
+    assert_eq!(
+        at_the_edge.status,
+        StatusCode::OK,
+        "both failures were refunded"
+    );
+}
+
+#[tokio::test]
+async fn a_hanging_billing_is_503_with_retry_after_and_once_the_breaker_opens_answers_are_fast() {
+    let billing = billing_now().await;
+    let usage = spawn_usage(&billing).await;
+    let upstream = spawn_ok_upstream().await;
+    let tarpit = integration_tests::spawn_tarpit().await;
+    let gateway =
+        integration_tests::spawn_gateway_at(tarpit.addr, usage.addr, &routes(upstream.addr)).await;
+    let customer = customer(&billing, Some(10)).await;
+    let client = http_client();
+    let key = format!("Bearer {}", customer.secret);
+
+    let mut answers = Vec::new();
+    for _ in 0..3 {
+        answers.push(
+            send(
+                &client,
+                get(&gateway.url("/v1/x"), &[("authorization", &key)]),
+            )
+            .await,
+        );
+    }
+    let started = std::time::Instant::now();
+    let after_open = send(
+        &client,
+        get(&gateway.url("/v1/x"), &[("authorization", &key)]),
+    )
+    .await;
+    let elapsed = started.elapsed();
+
+    for answer in answers.iter().chain([&after_open]) {
+        assert_problem(answer, 503, "billing_unavailable");
+        assert!(answer.headers.contains_key("retry-after"));
+    }
+    assert!(
+        elapsed < integration_tests::TEST_BACKEND_DEADLINE / 5,
+        "with the breaker open the answer took {elapsed:?}"
+    );
+    assert_eq!(upstream.hits(), 0);
+}
