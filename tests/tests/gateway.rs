@@ -793,3 +793,202 @@ async fn a_hanging_billing_is_503_with_retry_after_and_once_the_breaker_opens_an
     );
     assert_eq!(upstream.hits(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_gateways_let_exactly_the_quota_through_of_two_thousand_concurrent_requests() {
+    let billing = billing_now().await;
+    let usage = spawn_usage(&billing).await;
+    let upstream = spawn_ok_upstream().await;
+    let first = spawn_gateway(&billing, &usage, &routes(upstream.addr)).await;
+    let second = spawn_gateway(&billing, &usage, &routes(upstream.addr)).await;
+    let customer = customer(&billing, Some(500)).await;
+    let key = format!("Bearer {}", customer.secret);
+    let client = http_client();
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for index in 0..2_000 {
+        let url = if index % 2 == 0 {
+            first.url("/v1/x")
+        } else {
+            second.url("/v1/x")
+        };
+        let (client, key) = (client.clone(), key.clone());
+        tasks.spawn(async move { send(&client, get(&url, &[("authorization", &key)])).await });
+    }
+    let mut ok = 0;
+    let mut exhausted = 0;
+    while let Some(answer) = tasks.join_next().await {
+        let answer = answer.expect("task");
+        match answer.status.as_u16() {
+            200 => ok += 1,
+            402 if answer.json()["code"] == "quota_exhausted" => exhausted += 1,
+            other => panic!("unexpected answer {other}: {:?}", answer.body),
+        }
+    }
+
+    assert_eq!(ok, 500);
+    assert_eq!(exhausted, 1_500);
+    assert_eq!(upstream.hits(), 500);
+}
+
+#[tokio::test]
+async fn a_revoked_key_is_refused_by_every_gateway_within_a_second_without_a_restart() {
+    let billing = billing_now().await;
+    let usage = spawn_usage(&billing).await;
+    let upstream = spawn_ok_upstream().await;
+    let first = spawn_gateway(&billing, &usage, &routes(upstream.addr)).await;
+    let second = spawn_gateway(&billing, &usage, &routes(upstream.addr)).await;
+    let customer = customer(&billing, Some(100)).await;
+    let key = format!("Bearer {}", customer.secret);
+    let client = http_client();
+    for gateway in [&first, &second] {
+        let warm = send(
+            &client,
+            get(&gateway.url("/v1/x"), &[("authorization", &key)]),
+        )
+        .await;
+        assert_eq!(warm.status, StatusCode::OK);
+    }
+
+    billing
+        .admin()
+        .await
+        .revoke_api_key(RevokeApiKeyRequest {
+            key_id: customer.key_id.clone(),
+        })
+        .await
+        .expect("revoke");
+    let revoked_at = std::time::Instant::now();
+    let mut refused_after = Vec::new();
+    for gateway in [&first, &second] {
+        let refused = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+            loop {
+                let answer = send(
+                    &client,
+                    get(&gateway.url("/v1/x"), &[("authorization", &key)]),
+                )
+                .await;
+                if answer.status == StatusCode::UNAUTHORIZED {
+                    return answer;
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("refused within a second of the revocation");
+        assert_problem(&refused, 401, "invalid_api_key");
+        refused_after.push(revoked_at.elapsed());
+    }
+
+    assert!(
+        refused_after
+            .iter()
+            .all(|elapsed| *elapsed < std::time::Duration::from_secs(1))
+    );
+}
+
+#[tokio::test]
+async fn server_sent_events_reach_the_client_before_the_upstream_has_finished() {
+    use http_body_util::BodyExt;
+
+    let billing = billing_now().await;
+    let usage = spawn_usage(&billing).await;
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    let released = std::sync::Arc::new(tokio::sync::Mutex::new(Some(released)));
+    let upstream = spawn_upstream(move |_| {
+        let released = released.clone();
+        async move {
+            let (frames, stream) = tokio::sync::mpsc::channel::<
+                Result<hyper::body::Frame<bytes::Bytes>, std::convert::Infallible>,
+            >(4);
+            tokio::spawn(async move {
+                let _ = frames
+                    .send(Ok(hyper::body::Frame::data("data: one\n\n".into())))
+                    .await;
+                if let Some(released) = released.lock().await.take() {
+                    let _ = released.await;
+                }
+                let _ = frames
+                    .send(Ok(hyper::body::Frame::data("data: two\n\n".into())))
+                    .await;
+            });
+            let body = http_body_util::StreamBody::new(
+                tokio_stream::wrappers::ReceiverStream::new(stream),
+            )
+            .boxed();
+            let mut response = Response::new(body);
+            response.headers_mut().insert(
+                "content-type",
+                http::HeaderValue::from_static("text/event-stream"),
+            );
+            response
+        }
+    })
+    .await;
+    let gateway = spawn_gateway(&billing, &usage, &routes(upstream.addr)).await;
+    let customer = customer(&billing, Some(10)).await;
+    let client = http_client();
+
+    let response = client
+        .request(get(
+            &gateway.url("/v1/events"),
+            &[("x-api-key", &customer.secret)],
+        ))
+        .await
+        .expect("an answer");
+    let mut events = response.into_body();
+    let first = tokio::time::timeout(std::time::Duration::from_secs(5), events.frame())
+        .await
+        .expect("the first event arrives while the upstream is still sending")
+        .expect("a frame")
+        .expect("no error");
+    release.send(()).expect("the upstream waits");
+    let rest = events.collect().await.expect("the rest").to_bytes();
+
+    assert_eq!(first.into_data().expect("data"), "data: one\n\n");
+    assert_eq!(rest, "data: two\n\n");
+}
+
+#[tokio::test]
+async fn headers_the_client_sends_are_not_seen_by_the_upstream_as_sent() {
+    let billing = billing_now().await;
+    let usage = spawn_usage(&billing).await;
+    let upstream = spawn_ok_upstream().await;
+    let gateway = spawn_gateway(&billing, &usage, &routes(upstream.addr)).await;
+    let customer = customer(&billing, Some(10)).await;
+    let request = format!(
+        "GET /v1/x HTTP/1.1\r\nHost: api.example.com\r\nConnection: close, X-Secret\r\nX-Secret: hush\r\n\
+         Keep-Alive: timeout=5\r\nProxy-Authorization: Basic Zm9v\r\nAuthorization: Bearer {}\r\n\
+         Paygate-Customer: someone-else\r\nX-Forwarded-For: 10.0.0.99\r\n\r\n",
+        customer.secret
+    );
+
+    let answer = raw_exchange(gateway.addr, request.as_bytes()).await;
+
+    assert_eq!(answer.status, StatusCode::OK);
+    let seen = &upstream.seen()[0];
+    for gone in [
+        "x-secret",
+        "keep-alive",
+        "proxy-authorization",
+        "authorization",
+    ] {
+        assert!(!seen.contains_key(gone), "{gone} reached the upstream");
+    }
+    assert!(
+        seen.get_all("connection")
+            .iter()
+            .all(|value| value != "close, X-Secret")
+    );
+    assert_eq!(
+        seen.get_all("paygate-customer").iter().collect::<Vec<_>>(),
+        [customer.id.as_str()]
+    );
+    assert_eq!(seen["x-forwarded-for"], "127.0.0.1");
+    assert!(!seen.iter().any(|(_, value)| {
+        value
+            .as_bytes()
+            .windows(8)
+            .any(|window| window == b"pg_live_")
+    }));
+}
