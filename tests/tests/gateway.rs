@@ -992,3 +992,65 @@ async fn headers_the_client_sends_are_not_seen_by_the_upstream_as_sent() {
             .any(|window| window == b"pg_live_")
     }));
 }
+
+#[tokio::test]
+async fn an_open_route_passes_a_bounded_number_of_units_marked_degraded_while_billing_is_down() {
+    let billing = billing_now().await;
+    let usage = spawn_usage(&billing).await;
+    let upstream = spawn_ok_upstream().await;
+    let tarpit = integration_tests::spawn_tarpit().await;
+    let routes = format!(
+        r#"
+        problem_base_url = "https://docs.example.com/problems"
+        [[routes]]
+        prefix = "/v1"
+        upstream = "http://{}"
+        failure_mode = "open"
+        open_budget = 2
+        "#,
+        upstream.addr
+    );
+    let gateway = integration_tests::spawn_gateway_at(tarpit.addr, usage.addr, &routes).await;
+    let customer = customer(&billing, Some(10)).await;
+    let client = http_client();
+    let key = format!("Bearer {}", customer.secret);
+
+    let mut answers = Vec::new();
+    for _ in 0..3 {
+        answers.push(
+            send(
+                &client,
+                get(&gateway.url("/v1/x"), &[("authorization", &key)]),
+            )
+            .await,
+        );
+    }
+
+    for passed in &answers[..2] {
+        assert_eq!(passed.status, StatusCode::OK);
+        assert_eq!(passed.headers["paygate-degraded"], "true");
+    }
+    assert_problem(&answers[2], 503, "billing_unavailable");
+    assert_eq!(upstream.hits(), 2);
+}
+
+#[tokio::test]
+async fn clients_may_speak_http2() {
+    let billing = billing_now().await;
+    let usage = spawn_usage(&billing).await;
+    let upstream = spawn_ok_upstream().await;
+    let gateway = spawn_gateway(&billing, &usage, &routes(upstream.addr)).await;
+    let customer = customer(&billing, Some(10)).await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+
+    let answer = send(
+        &client,
+        get(&gateway.url("/v1/x"), &[("x-api-key", &customer.secret)]),
+    )
+    .await;
+
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.body, "ok");
+}
