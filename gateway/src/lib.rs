@@ -9,11 +9,13 @@
 //! - `problem`: problem+json bodies and the human pages per code
 //! - `backends`: billing and usage calls with deadlines and circuit breakers
 //! - `entitlements`: the entitlement cache and billing's change stream
+//! - `framing`: the connection guard that finds requests framed two ways
 //! - `proxy`: the decision per request and the forwarding
 
 pub mod backends;
 pub mod config;
 pub mod entitlements;
+pub mod framing;
 pub mod headers;
 pub mod problem;
 pub mod proxy;
@@ -93,7 +95,8 @@ pub async fn serve(
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             let service = service_fn(move |request| gateway.clone().handle(request, peer));
-            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            let guarded = framing::Guarded::new(stream, limits.max_header_bytes.max(8192) + 1024);
+            let connection = builder.serve_connection_with_upgrades(TokioIo::new(guarded), service);
             if let Err(error) = watcher.watch(connection).await {
                 tracing::debug!(%error, %peer, "connection ended with an error");
             }

@@ -169,11 +169,18 @@ impl Gateway {
             };
         }
         if let Err(detail) = check_framing(request.headers()) {
-            return self.problem_response(
+            let mut refusal = self.problem_response(
                 self.problem(Code::BadRequest).with_detail(detail),
                 request_id,
                 Extras::default(),
             );
+            // The rest of this connection's bytes can no longer be trusted to mean what they seem.
+            if request.version() < http::Version::HTTP_2 {
+                refusal
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            return refusal;
         }
         let Some(route) = self.routes.find(path).cloned() else {
             return self.problem_response(
@@ -230,8 +237,12 @@ impl Gateway {
         }
 
         let limits = entitlement.limits.unwrap_or_default();
+        // The admission id is ours, never the client's `X-Request-Id`: usage replays an admission with a
+        // known id without charging, so a client-chosen id reused on purpose would buy many upstream calls
+        // for the price of one.
+        let admission_id = Uuid::new_v4().to_string();
         let admission = usage_pb::AdmitRequest {
-            request_id: request_id.to_owned(),
+            request_id: admission_id.clone(),
             customer_id: entitlement.customer_id.clone(),
             subscription_id: entitlement.subscription_id.clone(),
             units: route.price,
@@ -248,7 +259,11 @@ impl Gateway {
                     .await;
             }
         };
-        let rate_limit = rate_limit_headers(&limits, &decision);
+        let period_seconds = entitlement
+            .period_start
+            .zip(entitlement.period_end)
+            .map(|(start, end)| end.seconds - start.seconds);
+        let rate_limit = rate_limit_headers(&limits, &decision, period_seconds);
         match decision.decision() {
             Decision::Admitted => {}
             Decision::RateLimited => {
@@ -298,11 +313,11 @@ impl Gateway {
         let response = self.forward(request, &route, &forwarding, request_id).await;
         let refund = match &response {
             Forwarded::Answer(answer) => answer.status().is_server_error(),
-            Forwarded::Unreachable | Forwarded::TimedOut => true,
+            Forwarded::Unreachable | Forwarded::TimedOut | Forwarded::TooLarge => true,
         };
         if refund {
             self.backends
-                .refund(&entitlement.customer_id, request_id)
+                .refund(&entitlement.customer_id, &admission_id)
                 .await;
         }
         let mut answer = match response {
@@ -317,6 +332,13 @@ impl Gateway {
             Forwarded::TimedOut => {
                 return self.problem_response(
                     self.problem(Code::UpstreamTimeout),
+                    request_id,
+                    Extras::default(),
+                );
+            }
+            Forwarded::TooLarge => {
+                return self.problem_response(
+                    self.problem(Code::PayloadTooLarge),
                     request_id,
                     Extras::default(),
                 );
@@ -470,6 +492,11 @@ impl Gateway {
                 request_id,
                 Extras::default(),
             ),
+            Forwarded::TooLarge => self.problem_response(
+                self.problem(Code::PayloadTooLarge),
+                request_id,
+                Extras::default(),
+            ),
         }
     }
 
@@ -513,6 +540,7 @@ impl Gateway {
         let outgoing = Request::from_parts(parts, body);
         match tokio::time::timeout(route.timeout, self.upstream.request(outgoing)).await {
             Err(_) => Forwarded::TimedOut,
+            Ok(Err(error)) if caused_by_body_limit(&error) => Forwarded::TooLarge,
             Ok(Err(error)) => {
                 tracing::warn!(%error, route = %route.prefix, "upstream request failed");
                 Forwarded::Unreachable
@@ -533,6 +561,19 @@ enum Forwarded {
     Answer(Response<Body>),
     Unreachable,
     TimedOut,
+    /// A body without a declared length grew past the limit while it was being forwarded.
+    TooLarge,
+}
+
+fn caused_by_body_limit(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(current) = cause {
+        if current.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        cause = current.source();
+    }
+    false
 }
 
 /// `Forwarding` with owned strings, so it can outlive the request it was read from.
@@ -571,6 +612,9 @@ fn request_id(headers: &HeaderMap) -> String {
 
 /// Refuses framing a proxy could read differently from the upstream (request smuggling).
 fn check_framing(headers: &HeaderMap) -> Result<(), &'static str> {
+    if headers.contains_key(crate::framing::AMBIGUOUS_MARK) {
+        return Err("Both Content-Length and Transfer-Encoding were sent; send only one.");
+    }
     let lengths: Vec<&HeaderValue> = headers.get_all(header::CONTENT_LENGTH).iter().collect();
     if !lengths.is_empty() && headers.contains_key(header::TRANSFER_ENCODING) {
         return Err("Both Content-Length and Transfer-Encoding were sent; send only one.");
@@ -602,6 +646,7 @@ fn declared_length(headers: &HeaderMap) -> Option<u64> {
 fn rate_limit_headers(
     limits: &billing_pb::Limits,
     decision: &usage_pb::AdmitResponse,
+    period_seconds: Option<i64>,
 ) -> (HeaderValue, HeaderValue) {
     let reset_seconds = decision
         .quota_resets_at
@@ -617,7 +662,11 @@ fn rate_limit_headers(
         })
         .unwrap_or(0);
     let remaining = (decision.quota_limit - decision.quota_used).max(0);
-    let mut policy = format!("\"quota\";q={}", limits.included_units);
+    let window = match (&decision.quota_resets_at, period_seconds) {
+        (Some(_), Some(seconds)) => format!(";w={seconds}"),
+        _ => String::new(),
+    };
+    let mut policy = format!("\"quota\";q={}{window}", limits.included_units);
     if limits.rate_limit > 0 {
         policy.push_str(&format!(
             ", \"rate\";q={};w={}",

@@ -421,7 +421,30 @@ async fn conflicting_content_lengths_are_400_and_never_forwarded() {
 }
 
 #[tokio::test]
-async fn a_content_length_beside_chunked_encoding_never_reaches_the_upstream() {
+async fn a_request_framed_both_by_length_and_chunked_is_400_and_never_forwarded() {
+    let billing = billing_now().await;
+    let usage = spawn_usage(&billing).await;
+    let upstream = spawn_ok_upstream().await;
+    let gateway = spawn_gateway(&billing, &usage, &routes(upstream.addr)).await;
+    let customer = customer(&billing, Some(10)).await;
+
+    let answer = raw_exchange(
+        gateway.addr,
+        format!(
+            "POST /v1/x HTTP/1.1\r\nHost: a\r\nX-API-Key: {}\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+            customer.secret
+        )
+        .as_bytes(),
+    )
+    .await;
+
+    assert_problem(&answer, 400, "bad_request");
+    assert_eq!(answer.headers["connection"], "close");
+    assert_eq!(upstream.hits(), 0);
+}
+
+#[tokio::test]
+async fn a_chunked_body_is_forwarded_without_a_content_length() {
     let billing = billing_now().await;
     let usage = spawn_usage(&billing).await;
     let upstream = spawn_upstream(|request| async move {
@@ -441,15 +464,13 @@ async fn a_content_length_beside_chunked_encoding_never_reaches_the_upstream() {
     let answer = raw_exchange(
         gateway.addr,
         format!(
-            "POST /v1/x HTTP/1.1\r\nHost: a\r\nX-API-Key: {}\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+            "POST /v1/x HTTP/1.1\r\nHost: a\r\nX-API-Key: {}\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
             customer.secret
         )
         .as_bytes(),
     )
     .await;
 
-    // The chunked framing wins (RFC 9112 §6.3) and the stale length is dropped before forwarding, so the
-    // upstream cannot read the body differently from the gateway.
     assert_eq!(answer.status, StatusCode::OK);
     assert_eq!(answer.body, "abc");
     assert!(!upstream.seen()[0].contains_key("content-length"));
@@ -1053,4 +1074,72 @@ async fn clients_may_speak_http2() {
 
     assert_eq!(answer.status, StatusCode::OK);
     assert_eq!(answer.body, "ok");
+}
+
+#[tokio::test]
+async fn a_chunked_body_growing_past_the_limit_is_413_and_refunded() {
+    let billing = billing_now().await;
+    let usage = spawn_usage(&billing).await;
+    let upstream = spawn_upstream(|request| async move {
+        use http_body_util::BodyExt;
+        let _ = request.into_body().collect().await;
+        Response::new(body("read"))
+    })
+    .await;
+    let limited = format!(
+        "{}\n[limits]\nmax_body_bytes = 1024\n",
+        routes(upstream.addr)
+    );
+    let gateway = spawn_gateway(&billing, &usage, &limited).await;
+    let customer = customer(&billing, Some(1)).await;
+    let chunk = "x".repeat(2048);
+
+    let answer = raw_exchange(
+        gateway.addr,
+        format!(
+            "POST /v1/x HTTP/1.1\r\nHost: a\r\nX-API-Key: {}\r\nTransfer-Encoding: chunked\r\n\r\n800\r\n{chunk}\r\n0\r\n\r\n",
+            customer.secret
+        )
+        .as_bytes(),
+    )
+    .await;
+    let then = send(
+        &http_client(),
+        get(&gateway.url("/v1/x"), &[("x-api-key", &customer.secret)]),
+    )
+    .await;
+
+    assert_problem(&answer, 413, "payload_too_large");
+    assert_eq!(
+        then.status,
+        StatusCode::OK,
+        "the unit taken for the refused body was given back"
+    );
+}
+
+#[tokio::test]
+async fn a_client_reusing_one_request_id_is_charged_for_every_request() {
+    let billing = billing_now().await;
+    let usage = spawn_usage(&billing).await;
+    let upstream = spawn_ok_upstream().await;
+    let gateway = spawn_gateway(&billing, &usage, &routes(upstream.addr)).await;
+    let customer = customer(&billing, Some(2)).await;
+    let client = http_client();
+    let same_id = [
+        ("x-api-key", customer.secret.as_str()),
+        ("x-request-id", "always-the-same"),
+    ];
+
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        statuses.push(
+            send(&client, get(&gateway.url("/v1/x"), &same_id))
+                .await
+                .status
+                .as_u16(),
+        );
+    }
+
+    assert_eq!(statuses, [200, 200, 402]);
+    assert_eq!(upstream.hits(), 2);
 }

@@ -1,0 +1,392 @@
+//! A guard on HTTP/1 connections that finds requests framed two ways at once (`Content-Length` beside
+//! `Transfer-Encoding`) before hyper reads them.
+//!
+//! hyper resolves such a request by the RFC's rule (chunked wins, the length is dropped), which keeps our
+//! own forwarding unambiguous but forwards a request another hop could have read differently. We refuse
+//! them instead: the guard follows the byte stream with the same framing rules hyper applies (head, then
+//! a `Content-Length` or chunked body, then the next head), and when a head carries both fields it adds
+//! [`AMBIGUOUS_MARK`] to that head so the handler answers 400 without forwarding. HTTP/2 connections and
+//! upgraded connections pass through untouched.
+
+use std::{
+    collections::VecDeque,
+    io,
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Header the guard adds to a request head that is framed two ways.
+pub const AMBIGUOUS_MARK: &str = "paygate-ambiguous-framing";
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum State {
+    /// Not yet known whether the connection speaks HTTP/2.
+    Detect,
+    /// Reading a request head.
+    Head,
+    /// Inside a body of known length: this many bytes remain.
+    Body(u64),
+    /// Inside a chunked body.
+    Chunked(Chunk),
+    /// Everything passes unexamined (HTTP/2, upgrades, heads the guard cannot parse: hyper rejects those).
+    Passthrough,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Chunk {
+    /// Reading a chunk-size line.
+    Size,
+    /// This many data bytes remain, then the CRLF after them.
+    Data(u64),
+    /// The CRLF after a chunk's data.
+    DataEnd,
+    /// Trailer lines after the last chunk, until an empty line.
+    Trailers,
+}
+
+/// Follows HTTP/1 request framing over a byte stream, marking ambiguous heads.
+#[derive(Debug)]
+pub struct Framing {
+    state: State,
+    /// Bytes of an unfinished head or line.
+    pending: Vec<u8>,
+    max_head: usize,
+}
+
+impl Framing {
+    /// Returns a scanner that gives up (passes through) on heads longer than `max_head` bytes, which hyper
+    /// refuses itself.
+    pub fn new(max_head: usize) -> Self {
+        Self {
+            state: State::Detect,
+            pending: Vec::new(),
+            max_head,
+        }
+    }
+
+    /// Consumes `input` and appends what hyper should read to `output`.
+    pub fn feed(&mut self, mut input: &[u8], output: &mut VecDeque<u8>) {
+        while !input.is_empty() {
+            match &mut self.state {
+                State::Passthrough => {
+                    output.extend(input);
+                    return;
+                }
+                State::Detect => {
+                    self.pending.extend_from_slice(input);
+                    input = &[];
+                    let known = self.pending.len().min(H2_PREFACE.len());
+                    if self.pending[..known] != H2_PREFACE[..known] {
+                        self.state = State::Head;
+                        let buffered = std::mem::take(&mut self.pending);
+                        self.feed(&buffered, output);
+                    } else if self.pending.len() >= H2_PREFACE.len() {
+                        self.state = State::Passthrough;
+                        output.extend(self.pending.drain(..));
+                    }
+                }
+                State::Head => {
+                    let Some(end) = find_head_end(&self.pending, input) else {
+                        self.pending.extend_from_slice(input);
+                        if self.pending.len() > self.max_head {
+                            self.state = State::Passthrough;
+                            output.extend(self.pending.drain(..));
+                        }
+                        return;
+                    };
+                    let taken = end - self.pending.len();
+                    self.pending.extend_from_slice(&input[..taken]);
+                    input = &input[taken..];
+                    let head = std::mem::take(&mut self.pending);
+                    self.state = self.after_head(&head, output);
+                }
+                State::Body(remaining) => {
+                    let take = usize::try_from(*remaining)
+                        .unwrap_or(usize::MAX)
+                        .min(input.len());
+                    output.extend(&input[..take]);
+                    input = &input[take..];
+                    *remaining -= take as u64;
+                    if *remaining == 0 {
+                        self.state = State::Head;
+                    }
+                }
+                State::Chunked(chunk) => {
+                    let consumed = match chunk {
+                        Chunk::Data(remaining) => {
+                            let take = usize::try_from(*remaining)
+                                .unwrap_or(usize::MAX)
+                                .min(input.len());
+                            *remaining -= take as u64;
+                            if *remaining == 0 {
+                                *chunk = Chunk::DataEnd;
+                            }
+                            take
+                        }
+                        Chunk::Size | Chunk::DataEnd | Chunk::Trailers => {
+                            match input.iter().position(|&byte| byte == b'\n') {
+                                None => {
+                                    self.pending.extend_from_slice(input);
+                                    input.len()
+                                }
+                                Some(newline) => {
+                                    self.pending.extend_from_slice(&input[..=newline]);
+                                    let line = std::mem::take(&mut self.pending);
+                                    self.state = next_chunk_state(chunk.clone(), &line);
+                                    newline + 1
+                                }
+                            }
+                        }
+                    };
+                    output.extend(&input[..consumed]);
+                    input = &input[consumed..];
+                }
+            }
+        }
+    }
+
+    /// Emits a complete head (marked when ambiguous) and returns the state its body puts us in.
+    fn after_head(&mut self, head: &[u8], output: &mut VecDeque<u8>) -> State {
+        let mut headers = [httparse::EMPTY_HEADER; 256];
+        let mut request = httparse::Request::new(&mut headers);
+        let Ok(httparse::Status::Complete(_)) = request.parse(head) else {
+            output.extend(head);
+            return State::Passthrough;
+        };
+        let mut lengths = Vec::new();
+        let mut chunked = false;
+        let mut transfer_encoding = false;
+        let mut upgrade = request.method == Some("CONNECT");
+        for header in request.headers.iter() {
+            if header.name.eq_ignore_ascii_case("content-length") {
+                lengths.push(header.value);
+            } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
+                transfer_encoding = true;
+                chunked = header
+                    .value
+                    .rsplit(|&byte| byte == b',')
+                    .next()
+                    .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            } else if header.name.eq_ignore_ascii_case("upgrade") {
+                upgrade = true;
+            }
+        }
+        if transfer_encoding && !lengths.is_empty() {
+            // Insert the mark before the blank line that ends the head.
+            output.extend(&head[..head.len() - 2]);
+            output.extend(AMBIGUOUS_MARK.as_bytes());
+            output.extend(b": 1\r\n\r\n");
+        } else {
+            output.extend(head);
+        }
+        if upgrade {
+            return State::Passthrough;
+        }
+        if transfer_encoding {
+            // Without `chunked` last hyper refuses the request; nothing further can be framed after it.
+            return if chunked {
+                State::Chunked(Chunk::Size)
+            } else {
+                State::Passthrough
+            };
+        }
+        match lengths.first().map(|value| {
+            std::str::from_utf8(value)
+                .ok()
+                .and_then(|text| text.trim().parse::<u64>().ok())
+        }) {
+            None => State::Head,
+            Some(Some(0)) => State::Head,
+            Some(Some(length))
+                if lengths
+                    .iter()
+                    .all(|value| value.trim_ascii() == lengths[0].trim_ascii()) =>
+            {
+                State::Body(length)
+            }
+            // Malformed or conflicting lengths: hyper answers 400 and closes.
+            _ => State::Passthrough,
+        }
+    }
+}
+
+fn next_chunk_state(chunk: Chunk, line: &[u8]) -> State {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    match chunk {
+        Chunk::Size => {
+            let size = line
+                .split(|&byte| byte == b';')
+                .next()
+                .unwrap_or_default()
+                .trim_ascii();
+            match std::str::from_utf8(size)
+                .ok()
+                .and_then(|text| u64::from_str_radix(text, 16).ok())
+            {
+                Some(0) => State::Chunked(Chunk::Trailers),
+                Some(size) => State::Chunked(Chunk::Data(size)),
+                None => State::Passthrough, // hyper refuses a bad chunk size
+            }
+        }
+        Chunk::DataEnd => State::Chunked(Chunk::Size),
+        Chunk::Trailers if line.is_empty() => State::Head,
+        Chunk::Trailers => State::Chunked(Chunk::Trailers),
+        Chunk::Data(_) => State::Passthrough,
+    }
+}
+
+/// Returns the length of `pending` + `input` up to and including the first `\r\n\r\n`, if it is there.
+fn find_head_end(pending: &[u8], input: &[u8]) -> Option<usize> {
+    // Only the last three pending bytes can start a terminator that ends inside `input`.
+    let overlap = pending.len().min(3);
+    let mut window = pending[pending.len() - overlap..].to_vec();
+    window.extend_from_slice(input);
+    window
+        .windows(4)
+        .position(|bytes| bytes == b"\r\n\r\n")
+        .map(|position| pending.len() - overlap + position + 4)
+}
+
+/// An IO wrapper that runs [`Framing`] over what the client sends.
+pub struct Guarded<IO> {
+    inner: IO,
+    framing: Framing,
+    ready: VecDeque<u8>,
+}
+
+impl<IO> Guarded<IO> {
+    /// Wraps `inner`, passing through heads longer than `max_head` (hyper refuses them).
+    pub fn new(inner: IO, max_head: usize) -> Self {
+        Self {
+            inner,
+            framing: Framing::new(max_head),
+            ready: VecDeque::new(),
+        }
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Guarded<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        while this.ready.is_empty() {
+            let mut scratch = [0_u8; 8192];
+            let mut incoming = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut this.inner).poll_read(cx, &mut incoming) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                Poll::Ready(Ok(())) if incoming.filled().is_empty() => {
+                    // End of stream: hand hyper whatever an unfinished head held, so it can refuse it.
+                    this.ready.extend(this.framing.pending.drain(..));
+                    if this.ready.is_empty() {
+                        return Poll::Ready(Ok(()));
+                    }
+                }
+                Poll::Ready(Ok(())) => this.framing.feed(incoming.filled(), &mut this.ready),
+            }
+        }
+        let (front, back) = this.ready.as_slices();
+        let mut copied = front.len().min(buf.remaining());
+        buf.put_slice(&front[..copied]);
+        if copied == front.len() {
+            let more = back.len().min(buf.remaining());
+            buf.put_slice(&back[..more]);
+            copied += more;
+        }
+        this.ready.drain(..copied);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Guarded<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds `input` in pieces of `step` bytes and returns what hyper would read.
+    fn scan(input: &[u8], step: usize) -> String {
+        let mut framing = Framing::new(64 * 1024);
+        let mut output = VecDeque::new();
+        for piece in input.chunks(step) {
+            framing.feed(piece, &mut output);
+        }
+        String::from_utf8(output.into_iter().collect()).expect("utf-8")
+    }
+
+    const PIPELINE: &[u8] = b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 23\r\n\r\nTransfer-Encoding: ab\r\n\
+        POST /b HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhe\r\n\r\r\n0\r\nTrailer: t\r\n\r\n\
+        POST /c HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n\
+        GET /d HTTP/1.1\r\nHost: x\r\n\r\n";
+
+    #[test]
+    fn only_the_head_framed_two_ways_is_marked_however_the_bytes_arrive() {
+        for step in [1, 2, 3, 7, 64, PIPELINE.len()] {
+            let seen = scan(PIPELINE, step);
+
+            assert_eq!(seen.matches(AMBIGUOUS_MARK).count(), 1, "step {step}");
+            let marked = seen.find(AMBIGUOUS_MARK).expect("marked");
+            assert!(
+                marked > seen.find("POST /c").expect("c")
+                    && marked < seen.find("3\r\nabc").expect("body")
+            );
+            assert_eq!(
+                seen.len(),
+                PIPELINE.len() + AMBIGUOUS_MARK.len() + 5,
+                "step {step}"
+            );
+        }
+    }
+
+    #[test]
+    fn body_bytes_that_look_like_headers_are_not_heads() {
+        let request = b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 49\r\n\r\n\
+            Content-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
+
+        assert!(!scan(request, 5).contains(AMBIGUOUS_MARK));
+    }
+
+    #[test]
+    fn http2_passes_through_untouched() {
+        let mut input = H2_PREFACE.to_vec();
+        input.extend_from_slice(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00Content-Length: 1\r\nTransfer-Encoding: x\r\n\r\n");
+
+        assert_eq!(scan(&input, 3).as_bytes(), input.as_slice());
+    }
+}
