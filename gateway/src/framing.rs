@@ -26,14 +26,26 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 enum State {
     /// Not yet known whether the connection speaks HTTP/2.
     Detect,
-    /// Reading a request head.
-    Head,
+    /// Reading a request head, line by line; lines are passed on as soon as they are complete, so hyper
+    /// sees a slow client's bytes (and its header read timeout runs) while the guard reads along.
+    Head(HeadScan),
     /// Inside a body of known length: this many bytes remain.
     Body(u64),
     /// Inside a chunked body.
     Chunked(Chunk),
     /// Everything passes unexamined (HTTP/2, upgrades, heads the guard cannot parse: hyper rejects those).
     Passthrough,
+}
+
+/// What the lines of a head said so far.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+struct HeadScan {
+    bytes: usize,
+    seen_request_line: bool,
+    lengths: Vec<Vec<u8>>,
+    transfer_encoding: bool,
+    chunked: bool,
+    upgrade: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,7 +93,7 @@ impl Framing {
                     input = &[];
                     let known = self.pending.len().min(H2_PREFACE.len());
                     if self.pending[..known] != H2_PREFACE[..known] {
-                        self.state = State::Head;
+                        self.state = State::Head(HeadScan::default());
                         let buffered = std::mem::take(&mut self.pending);
                         self.feed(&buffered, output);
                     } else if self.pending.len() >= H2_PREFACE.len() {
@@ -89,20 +101,40 @@ impl Framing {
                         output.extend(self.pending.drain(..));
                     }
                 }
-                State::Head => {
-                    let Some(end) = find_head_end(&self.pending, input) else {
+                State::Head(scan) => {
+                    let Some(newline) = input.iter().position(|&byte| byte == b'\n') else {
                         self.pending.extend_from_slice(input);
-                        if self.pending.len() > self.max_head {
+                        scan.bytes += input.len();
+                        if scan.bytes > self.max_head {
+                            // hyper refuses heads this long itself (431).
                             self.state = State::Passthrough;
                             output.extend(self.pending.drain(..));
                         }
                         return;
                     };
-                    let taken = end - self.pending.len();
-                    self.pending.extend_from_slice(&input[..taken]);
-                    input = &input[taken..];
-                    let head = std::mem::take(&mut self.pending);
-                    self.state = self.after_head(&head, output);
+                    self.pending.extend_from_slice(&input[..=newline]);
+                    scan.bytes += newline + 1;
+                    input = &input[newline + 1..];
+                    let line = std::mem::take(&mut self.pending);
+                    let mut scan = std::mem::take(scan);
+                    self.state = match read_head_line(&mut scan, &line) {
+                        HeadLine::More => {
+                            output.extend(&line);
+                            State::Head(scan)
+                        }
+                        HeadLine::End => {
+                            if scan.transfer_encoding && !scan.lengths.is_empty() {
+                                output.extend(AMBIGUOUS_MARK.as_bytes());
+                                output.extend(b": 1\r\n");
+                            }
+                            output.extend(&line);
+                            body_state(&scan)
+                        }
+                        HeadLine::Unreadable => {
+                            output.extend(&line);
+                            State::Passthrough
+                        }
+                    };
                 }
                 State::Body(remaining) => {
                     let take = usize::try_from(*remaining)
@@ -112,7 +144,7 @@ impl Framing {
                     input = &input[take..];
                     *remaining -= take as u64;
                     if *remaining == 0 {
-                        self.state = State::Head;
+                        self.state = State::Head(HeadScan::default());
                     }
                 }
                 State::Chunked(chunk) => {
@@ -148,69 +180,72 @@ impl Framing {
             }
         }
     }
+}
 
-    /// Emits a complete head (marked when ambiguous) and returns the state its body puts us in.
-    fn after_head(&mut self, head: &[u8], output: &mut VecDeque<u8>) -> State {
-        let mut headers = [httparse::EMPTY_HEADER; 256];
-        let mut request = httparse::Request::new(&mut headers);
-        let Ok(httparse::Status::Complete(_)) = request.parse(head) else {
-            output.extend(head);
-            return State::Passthrough;
-        };
-        let mut lengths = Vec::new();
-        let mut chunked = false;
-        let mut transfer_encoding = false;
-        let mut upgrade = request.method == Some("CONNECT");
-        for header in request.headers.iter() {
-            if header.name.eq_ignore_ascii_case("content-length") {
-                lengths.push(header.value);
-            } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
-                transfer_encoding = true;
-                chunked = header
-                    .value
-                    .rsplit(|&byte| byte == b',')
-                    .next()
-                    .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-            } else if header.name.eq_ignore_ascii_case("upgrade") {
-                upgrade = true;
-            }
+enum HeadLine {
+    More,
+    End,
+    Unreadable,
+}
+
+/// Reads one line of a head into `scan`.
+fn read_head_line(scan: &mut HeadScan, line: &[u8]) -> HeadLine {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    if !scan.seen_request_line {
+        if line.is_empty() {
+            // Empty lines before a request line are tolerated (RFC 9112 §2.2).
+            return HeadLine::More;
         }
-        if transfer_encoding && !lengths.is_empty() {
-            // Insert the mark before the blank line that ends the head.
-            output.extend(&head[..head.len() - 2]);
-            output.extend(AMBIGUOUS_MARK.as_bytes());
-            output.extend(b": 1\r\n\r\n");
+        scan.seen_request_line = true;
+        scan.upgrade = line.starts_with(b"CONNECT ");
+        return HeadLine::More;
+    }
+    if line.is_empty() {
+        return HeadLine::End;
+    }
+    let Some(colon) = line.iter().position(|&byte| byte == b':') else {
+        return HeadLine::Unreadable;
+    };
+    let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii());
+    if name.eq_ignore_ascii_case(b"content-length") {
+        scan.lengths.push(value.to_vec());
+    } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+        scan.transfer_encoding = true;
+        scan.chunked = value
+            .rsplit(|&byte| byte == b',')
+            .next()
+            .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+    } else if name.eq_ignore_ascii_case(b"upgrade") {
+        scan.upgrade = true;
+    }
+    HeadLine::More
+}
+
+/// Returns the state the body of a request with this head puts the stream in, by hyper's rules.
+fn body_state(scan: &HeadScan) -> State {
+    if scan.upgrade {
+        return State::Passthrough;
+    }
+    if scan.transfer_encoding {
+        // Without `chunked` last hyper refuses the request; nothing further can be framed after it.
+        return if scan.chunked {
+            State::Chunked(Chunk::Size)
         } else {
-            output.extend(head);
-        }
-        if upgrade {
-            return State::Passthrough;
-        }
-        if transfer_encoding {
-            // Without `chunked` last hyper refuses the request; nothing further can be framed after it.
-            return if chunked {
-                State::Chunked(Chunk::Size)
-            } else {
-                State::Passthrough
-            };
-        }
-        match lengths.first().map(|value| {
-            std::str::from_utf8(value)
-                .ok()
-                .and_then(|text| text.trim().parse::<u64>().ok())
-        }) {
-            None => State::Head,
-            Some(Some(0)) => State::Head,
-            Some(Some(length))
-                if lengths
-                    .iter()
-                    .all(|value| value.trim_ascii() == lengths[0].trim_ascii()) =>
-            {
-                State::Body(length)
-            }
-            // Malformed or conflicting lengths: hyper answers 400 and closes.
-            _ => State::Passthrough,
-        }
+            State::Passthrough
+        };
+    }
+    let Some(first) = scan.lengths.first() else {
+        return State::Head(HeadScan::default());
+    };
+    let length = std::str::from_utf8(first)
+        .ok()
+        .and_then(|text| text.parse::<u64>().ok());
+    match length {
+        _ if scan.lengths.iter().any(|other| other != first) => State::Passthrough, // hyper: 400
+        Some(0) => State::Head(HeadScan::default()),
+        Some(length) => State::Body(length),
+        None => State::Passthrough, // hyper: 400
     }
 }
 
@@ -234,22 +269,10 @@ fn next_chunk_state(chunk: Chunk, line: &[u8]) -> State {
             }
         }
         Chunk::DataEnd => State::Chunked(Chunk::Size),
-        Chunk::Trailers if line.is_empty() => State::Head,
+        Chunk::Trailers if line.is_empty() => State::Head(HeadScan::default()),
         Chunk::Trailers => State::Chunked(Chunk::Trailers),
         Chunk::Data(_) => State::Passthrough,
     }
-}
-
-/// Returns the length of `pending` + `input` up to and including the first `\r\n\r\n`, if it is there.
-fn find_head_end(pending: &[u8], input: &[u8]) -> Option<usize> {
-    // Only the last three pending bytes can start a terminator that ends inside `input`.
-    let overlap = pending.len().min(3);
-    let mut window = pending[pending.len() - overlap..].to_vec();
-    window.extend_from_slice(input);
-    window
-        .windows(4)
-        .position(|bytes| bytes == b"\r\n\r\n")
-        .map(|position| pending.len() - overlap + position + 4)
 }
 
 /// An IO wrapper that runs [`Framing`] over what the client sends.

@@ -1143,3 +1143,68 @@ async fn a_client_reusing_one_request_id_is_charged_for_every_request() {
     assert_eq!(statuses, [200, 200, 402]);
     assert_eq!(upstream.hits(), 2);
 }
+
+#[tokio::test]
+async fn a_client_that_never_finishes_its_headers_is_disconnected() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let billing = billing_now().await;
+    let usage = spawn_usage(&billing).await;
+    let upstream = spawn_ok_upstream().await;
+    let impatient = format!(
+        "{}\n[limits]\nheader_read_timeout_ms = 200\n",
+        routes(upstream.addr)
+    );
+    let gateway = spawn_gateway(&billing, &usage, &impatient).await;
+    let mut stream = tokio::net::TcpStream::connect(gateway.addr)
+        .await
+        .expect("connect");
+    stream
+        .write_all(b"GET /v1/x HTTP/1.1\r\nHost: a\r\nX-Slow")
+        .await
+        .expect("write");
+
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        stream.read_to_end(&mut rest),
+    )
+    .await;
+
+    assert!(closed.is_ok(), "the gateway kept a half-sent request open");
+    assert_eq!(upstream.hits(), 0);
+}
+
+#[tokio::test]
+async fn shutdown_lets_a_request_in_flight_finish() {
+    let billing = billing_now().await;
+    let usage = spawn_usage(&billing).await;
+    let (arrived, arrival) = tokio::sync::oneshot::channel::<()>();
+    let arrived = std::sync::Arc::new(std::sync::Mutex::new(Some(arrived)));
+    let upstream = spawn_upstream(move |_| {
+        let arrived = arrived.clone();
+        async move {
+            if let Some(arrived) = arrived.lock().expect("lock").take() {
+                let _ = arrived.send(());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            Response::new(body("finished"))
+        }
+    })
+    .await;
+    let gateway = spawn_gateway(&billing, &usage, &routes(upstream.addr)).await;
+    let customer = customer(&billing, Some(10)).await;
+    let url = gateway.url("/v1/slow");
+    let secret = customer.secret.clone();
+    let in_flight =
+        tokio::spawn(
+            async move { send(&http_client(), get(&url, &[("x-api-key", &secret)])).await },
+        );
+    arrival.await.expect("the request reached the upstream");
+
+    gateway.shutdown().await;
+    let answer = in_flight.await.expect("task");
+
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.body, "finished");
+}
