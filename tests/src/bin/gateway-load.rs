@@ -58,7 +58,7 @@ async fn main() {
         "gateway first reading, debug={} (release is what counts)",
         cfg!(debug_assertions)
     );
-    println!("closed loop, {CONNECTIONS} connections, {CLOSED_LOOP_REQUESTS} requests each:");
+    println!("closed loop, {CONNECTIONS} connections, {CLOSED_LOOP_REQUESTS} requests per figure:");
     println!("  upstream directly:            {direct_rps:>9.0} requests/s");
     println!("  through the gateway, 200:     {admitted_rps:>9.0} requests/s");
     println!("  through the gateway, 402:     {refused_rps:>9.0} requests/s");
