@@ -97,6 +97,18 @@ fn page_size(requested: u32) -> Result<i64> {
     }
 }
 
+/// Cuts `rows` (fetched with one extra) to `limit` and returns the token of the next page: the last kept
+/// row's key when there is more, else empty.
+fn trim_to_page<T>(rows: &mut Vec<T>, limit: i64, key: impl Fn(&T) -> String) -> String {
+    let more = rows.len() as i64 > limit;
+    rows.truncate(usize::try_from(limit).unwrap_or(0));
+    if more {
+        rows.last().map(key).unwrap_or_default()
+    } else {
+        String::new()
+    }
+}
+
 fn invalid_page_token() -> BillingError {
     BillingError::InvalidArgument("`page_token` is not one this API returned".to_owned())
 }
@@ -639,15 +651,7 @@ impl pb::billing_admin_server::BillingAdmin for AdminApi {
         let mut rows = store::list_customers(&self.state.db, after, limit + 1)
             .await
             .map_err(BillingError::from)?;
-        let more = rows.len() as i64 > limit;
-        rows.truncate(limit as usize);
-        let next_page_token = if more {
-            rows.last()
-                .map(|row| row.id.to_string())
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let next_page_token = trim_to_page(&mut rows, limit, |row| row.id.to_string());
         Ok(Response::new(pb::ListCustomersResponse {
             customers: rows.into_iter().map(customer_to_proto).collect(),
             next_page_token,
@@ -1286,15 +1290,7 @@ impl pb::billing_admin_server::BillingAdmin for AdminApi {
         let mut rows = store::list_ledger_entries(&self.state.db, id, after, limit + 1)
             .await
             .map_err(BillingError::from)?;
-        let more = rows.len() as i64 > limit;
-        rows.truncate(limit as usize);
-        let next_page_token = if more {
-            rows.last()
-                .map(|row| row.id.to_string())
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let next_page_token = trim_to_page(&mut rows, limit, |row| row.id.to_string());
         Ok(Response::new(pb::ListLedgerEntriesResponse {
             entries: rows.into_iter().map(ledger_to_proto).collect(),
             next_page_token,
@@ -1480,15 +1476,7 @@ impl pb::billing_admin_server::BillingAdmin for AdminApi {
         let mut rows = store::list_audit_events(&self.state.db, target, before, limit + 1)
             .await
             .map_err(BillingError::from)?;
-        let more = rows.len() as i64 > limit;
-        rows.truncate(limit as usize);
-        let next_page_token = if more {
-            rows.last()
-                .map(|row| row.id.to_string())
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let next_page_token = trim_to_page(&mut rows, limit, |row| row.id.to_string());
         Ok(Response::new(pb::ListAuditEventsResponse {
             events: rows
                 .into_iter()

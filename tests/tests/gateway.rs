@@ -47,48 +47,46 @@ struct Customer {
     secret: String,
 }
 
+/// A customer with a key, on a free plan with `included_units` units, or without a subscription.
 async fn customer(billing: &BillingInstance, included_units: Option<i64>) -> Customer {
-    let mut admin = billing.admin().await;
-    let customer = admin
-        .create_customer(customer_request(&Uuid::new_v4().to_string()))
-        .await
-        .expect("customer")
-        .into_inner();
-    let mut subscription_id = None;
-    if let Some(included_units) = included_units {
-        let plan = admin
-            .create_plan(billing_pb::CreatePlanRequest {
+    match included_units {
+        Some(included_units) => {
+            let plan = billing_pb::CreatePlanRequest {
                 price_micros: 0,
                 included_units,
-                ..plan_request(&format!("p{}", Uuid::new_v4().simple()))
-            })
-            .await
-            .expect("plan")
-            .into_inner();
-        let subscription = admin
-            .create_subscription(CreateSubscriptionRequest {
-                customer_id: customer.id.clone(),
-                plan_id: plan.id,
-            })
-            .await
-            .expect("subscription")
-            .into_inner();
-        subscription_id = Some(subscription.id);
+                ..plan_request(&unique_code())
+            };
+            plan_customer(billing, plan).await
+        }
+        None => {
+            let mut admin = billing.admin().await;
+            let customer = admin
+                .create_customer(customer_request(&Uuid::new_v4().to_string()))
+                .await
+                .expect("customer")
+                .into_inner();
+            let key = issue_key(billing, &customer.id).await;
+            Customer {
+                id: customer.id,
+                subscription_id: None,
+                key_id: key.key.expect("key").id,
+                secret: key.secret,
+            }
+        }
     }
-    let key = admin
+}
+
+async fn issue_key(billing: &BillingInstance, customer_id: &str) -> billing_pb::IssuedApiKey {
+    billing
+        .admin()
+        .await
         .issue_api_key(IssueApiKeyRequest {
-            customer_id: customer.id.clone(),
+            customer_id: customer_id.to_owned(),
             name: "test".into(),
         })
         .await
         .expect("key")
-        .into_inner();
-    Customer {
-        id: customer.id,
-        subscription_id,
-        key_id: key.key.expect("key").id,
-        secret: key.secret,
-    }
+        .into_inner()
 }
 
 fn assert_problem(answer: &Answer, status: u16, code: &str) {
@@ -549,14 +547,7 @@ async fn plan_customer(billing: &BillingInstance, plan: billing_pb::CreatePlanRe
         .await
         .expect("subscription")
         .into_inner();
-    let key = admin
-        .issue_api_key(IssueApiKeyRequest {
-            customer_id: customer.id.clone(),
-            name: "test".into(),
-        })
-        .await
-        .expect("key")
-        .into_inner();
+    let key = issue_key(billing, &customer.id).await;
     Customer {
         id: customer.id,
         subscription_id: Some(subscription.id),
