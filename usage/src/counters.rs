@@ -10,7 +10,7 @@
 //! | `P:{c:C}:cr` | hash | `b` spendable credits (micros), `s` billing feed sequence it was loaded as of |
 //! | `P:{c:C}:gp` | hash | credit changes that arrived before the balance was loaded: reference → `seq:delta` |
 //! | `P:{c:C}:ga` | set | references of credit changes already applied |
-//! | `P:{c:C}:r:<request id>` | hash | what an admission took, for replays and refunds (24 h) |
+//! | `P:{c:C}:r:<request id>` | string | what an admission took and answered, for replays and refunds (24 h) |
 //! | `P:{c:C}:ob` | hash | net spending not yet sealed: `u\|<sub>\|<ps>` units, `c\|<sub>\|<ps>` credits |
 //! | `P:{c:C}:os` | hash | sealed spending being reported to billing, `_id` its id |
 
@@ -456,12 +456,15 @@ impl Counters {
         let mut connection = self.connection.clone();
         let request_key = self.keys.request(customer, request_id);
         // The record names the quota key it used; the script checks it again, so reading it first is safe.
-        let quota_key: Option<String> = redis::cmd("HGET")
+        let record: Option<String> = redis::cmd("GET")
             .arg(&request_key)
-            .arg("k")
             .query_async(&mut connection)
             .await?;
-        let Some(quota_key) = quota_key else {
+        let Some(quota_key) = record
+            .as_deref()
+            .and_then(|record| record.split(';').nth(4))
+            .map(str::to_owned)
+        else {
             return Ok(Refunded::default());
         };
         if !quota_key.starts_with(&self.keys.customer(customer)) {

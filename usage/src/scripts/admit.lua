@@ -4,7 +4,8 @@
 -- retried, since it took nothing.
 --
 -- KEYS: 1 rate (string, TAT in µs)      2 quota (string, units used)    3 credits (hash b=balance s=seq)
---       4 request record (hash)          5 outbox (hash of net spending not yet sealed for billing)
+--       4 request record (string "<answer csv>;<units>;<from quota>;<credits>;<quota key>;<field>;<refunded>")
+--       5 outbox (hash of net spending not yet sealed for billing)
 -- ARGV: 1 units  2 rate_limit  3 rate_period_ms  4 burst  5 included_units  6 overage (0 block, 1 credits)
 --       7 unit_price_micros  8 period_end_ms  9 outbox field suffix ("<subscription>|<period start ms>")
 --      10 request ttl (s)  11 quota retention after period end (ms)
@@ -12,14 +13,6 @@
 --           retry_after_ms, rate_remaining, rate_reset_ms}
 -- decision: 1 admitted, 2 rate_limited, 3 quota_exhausted, 4 credits_exhausted, 5 credits not loaded (the
 -- caller loads them from billing and asks again; nothing was written).
-
-local function expect_type(key, expected)
-  local actual = redis.call('TYPE', key)['ok']
-  if actual ~= 'none' and actual ~= expected then
-    return redis.error_reply('ERR paygate: key ' .. key .. ' holds a ' .. actual .. ', expected a ' .. expected)
-  end
-  return nil
-end
 
 local function number_at(value, key)
   if value == false or value == nil then
@@ -32,17 +25,17 @@ local function number_at(value, key)
   return parsed
 end
 
-for index, expected in ipairs({'string', 'string', 'hash', 'hash', 'hash'}) do
-  local failure = expect_type(KEYS[index], expected)
-  if failure then
-    return failure
-  end
+-- Every key is read before anything is written, and a read of a wrong-typed key raises, so a corrupted key
+-- fails the call with nothing changed. The outbox is only ever written, so its type is checked here.
+local outbox_type = redis.call('TYPE', KEYS[5])['ok']
+if outbox_type ~= 'none' and outbox_type ~= 'hash' then
+  return redis.error_reply('ERR paygate: key ' .. KEYS[5] .. ' holds a ' .. outbox_type .. ', expected a hash')
 end
 
-local remembered = redis.call('HGET', KEYS[4], 'd')
+local remembered = redis.call('GET', KEYS[4])
 if remembered then
   local decision = {}
-  for field in string.gmatch(remembered, '[^,]+') do
+  for field in string.gmatch(string.match(remembered, '^[^;]*'), '[^,]+') do
     decision[#decision + 1] = tonumber(field)
   end
   decision[2] = 1
@@ -86,6 +79,10 @@ local used, failure = number_at(redis.call('GET', KEYS[2]), KEYS[2])
 if failure then
   return failure
 end
+local stored_balance = false
+if pays_with_credits then
+  stored_balance = redis.call('HGET', KEYS[3], 'b')
+end
 local from_quota = math.min(units, math.max(included - used, 0))
 local overage = units - from_quota
 local cost = 0
@@ -94,7 +91,6 @@ if overage > 0 then
   if not pays_with_credits then
     return {3, 0, used, included, 0, 0, -1, 0, rate_remaining, rate_reset_ms}
   end
-  local stored_balance = redis.call('HGET', KEYS[3], 'b')
   if not stored_balance then
     return {5, 0, used, included, 0, 0, -1, 0, rate_remaining, rate_reset_ms}
   end
@@ -120,11 +116,8 @@ if from_quota > 0 then
 end
 if cost > 0 then
   balance = redis.call('HINCRBY', KEYS[3], 'b', -cost)
-elseif pays_with_credits then
-  local stored_balance = redis.call('HGET', KEYS[3], 'b')
-  if stored_balance then
-    balance = tonumber(stored_balance)
-  end
+elseif stored_balance then
+  balance = tonumber(stored_balance)
 end
 redis.call('HINCRBY', KEYS[5], 'u|' .. ARGV[9], units)
 if cost > 0 then
@@ -137,7 +130,7 @@ local encoded = {}
 for index, value in ipairs(decision) do
   encoded[index] = string.format('%d', value)
 end
-redis.call('HSET', KEYS[4], 'd', table.concat(encoded, ','), 'u', units, 'q', from_quota, 'c', cost,
-  'k', KEYS[2], 'f', ARGV[9], 'r', 0)
-redis.call('EXPIRE', KEYS[4], tonumber(ARGV[10]))
+local record = table.concat({table.concat(encoded, ','), string.format('%d', units), string.format('%d', from_quota),
+  string.format('%d', cost), KEYS[2], ARGV[9], '0'}, ';')
+redis.call('SET', KEYS[4], record, 'EX', tonumber(ARGV[10]))
 return decision
