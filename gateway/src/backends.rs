@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use backon::{ExponentialBuilder, Retryable};
 use failsafe::{
     StateMachine,
     backoff::{self, Exponential},
@@ -150,16 +151,47 @@ impl Backends {
         }
     }
 
-    /// Gives back what the admission of `request_id` took. Failures are logged: the customer keeps the
-    /// charge only if usage cannot be reached at all, which the operator sees in the logs.
+    /// Gives back what the admission of `request_id` took. When usage cannot be reached, the refund is
+    /// retried in the background with backoff (for about three minutes): a refund is applied once per
+    /// request id however often it is sent, so retrying is safe, and the customer must not pay for a
+    /// request the provider failed to serve.
     pub async fn refund(&self, customer_id: &str, request_id: &str) {
+        if self.try_refund(customer_id, request_id).await.is_ok() {
+            return;
+        }
+        let backends = self.clone();
+        let (customer_id, request_id) = (customer_id.to_owned(), request_id.to_owned());
+        tokio::spawn(async move {
+            let attempt = || backends.try_refund(&customer_id, &request_id);
+            let retried = attempt
+                .retry(
+                    ExponentialBuilder::default()
+                        .with_min_delay(Duration::from_millis(100))
+                        .with_max_delay(Duration::from_secs(30))
+                        .with_max_times(12),
+                )
+                .await;
+            match retried {
+                Ok(()) => tracing::info!(customer_id, request_id, "refund applied after retrying"),
+                Err(status) => {
+                    tracing::error!(customer_id, request_id, code = ?status.code(), "refund abandoned after retries")
+                }
+            }
+        });
+    }
+
+    async fn try_refund(&self, customer_id: &str, request_id: &str) -> Result<(), tonic::Status> {
         let mut request = Request::new(usage_pb::RefundRequest {
             request_id: request_id.to_owned(),
             customer_id: customer_id.to_owned(),
         });
         request.set_timeout(self.deadline * 4);
-        if let Err(status) = self.usage.clone().refund(request).await {
-            tracing::error!(customer_id, request_id, code = ?status.code(), "refund failed");
+        match self.usage.clone().refund(request).await {
+            Ok(_) => Ok(()),
+            Err(status) => {
+                tracing::warn!(customer_id, request_id, code = ?status.code(), "refund failed");
+                Err(status)
+            }
         }
     }
 }

@@ -110,15 +110,36 @@ pub async fn spawn_usage_with(
     prefix: &str,
     report_interval: Duration,
 ) -> UsageInstance {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("failed to bind a port for usage");
+    serve_usage(billing, prefix, report_interval, listener).await
+}
+
+/// Starts usage under `prefix` on the given address (a restart where a stopped instance was).
+pub async fn spawn_usage_at(
+    billing: &BillingInstance,
+    prefix: &str,
+    addr: std::net::SocketAddr,
+) -> UsageInstance {
+    let listener = TcpListener::bind(addr)
+        .await
+        .unwrap_or_else(|error| panic!("failed to bind {addr} for usage: {error}"));
+    serve_usage(billing, prefix, TEST_REPORT_INTERVAL, listener).await
+}
+
+async fn serve_usage(
+    billing: &BillingInstance,
+    prefix: &str,
+    report_interval: Duration,
+    listener: TcpListener,
+) -> UsageInstance {
     let counters = counters(prefix).await;
     usage::check_durability(&counters, false)
         .await
         .unwrap_or_else(|error| panic!("the test redis is not durable: {error:#}"));
     let billing_client = usage::billing_client(&format!("http://{}", billing.addr), SERVICE_TOKEN)
         .unwrap_or_else(|error| panic!("bad billing client: {error:#}"));
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("failed to bind a port for usage");
     let addr = listener
         .local_addr()
         .expect("a bound listener has an address");

@@ -1199,3 +1199,61 @@ async fn shutdown_lets_a_request_in_flight_finish() {
     assert_eq!(answer.status, StatusCode::OK);
     assert_eq!(answer.body, "finished");
 }
+
+#[tokio::test]
+async fn a_refund_that_cannot_reach_usage_is_retried_until_it_lands() {
+    let billing = billing_now().await;
+    let prefix = integration_tests::unique_prefix();
+    let usage = integration_tests::spawn_usage_with_prefix(&billing, &prefix).await;
+    let usage_addr = usage.addr;
+    let (arrived, arrival) = tokio::sync::oneshot::channel::<()>();
+    let (answer, answer_now) = tokio::sync::oneshot::channel::<()>();
+    let hooks = std::sync::Arc::new(std::sync::Mutex::new(Some((arrived, answer_now))));
+    let upstream = spawn_upstream(move |_| {
+        let hooks = hooks.clone();
+        async move {
+            let taken = hooks.lock().expect("lock").take();
+            if let Some((arrived, answer_now)) = taken {
+                let _ = arrived.send(());
+                let _ = answer_now.await;
+                let mut failed = Response::new(body("down"));
+                *failed.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                return failed;
+            }
+            Response::new(body("ok"))
+        }
+    })
+    .await;
+    let gateway = spawn_gateway(&billing, &usage, &routes(upstream.addr)).await;
+    let customer = customer(&billing, Some(1)).await;
+    let (url, secret) = (gateway.url("/v1/x"), customer.secret.clone());
+    let failing =
+        tokio::spawn(
+            async move { send(&http_client(), get(&url, &[("x-api-key", &secret)])).await },
+        );
+    arrival.await.expect("the request reached the upstream");
+
+    usage.shutdown().await; // the unit was taken; now nobody can give it back
+    answer.send(()).expect("the upstream waits");
+    let failed = failing.await.expect("task");
+    let restarted = integration_tests::spawn_usage_at(&billing, &prefix, usage_addr).await;
+    let readmitted = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        loop {
+            let answer = send(
+                &http_client(),
+                get(&gateway.url("/v1/x"), &[("x-api-key", &customer.secret)]),
+            )
+            .await;
+            if answer.status == StatusCode::OK {
+                return answer;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the refund landed once usage was back");
+
+    assert_eq!(failed.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(readmitted.body, "ok");
+    restarted.shutdown().await;
+}
