@@ -507,7 +507,78 @@ fn check_reference(reference: &str) -> Result<()> {
     domain::check_length("reference", reference, 1, 200)
 }
 
+/// A change an operator makes to a balance without a payment: a grant or an adjustment.
+struct OperatorCredit<'a> {
+    customer: CustomerId,
+    /// Ledger kind: `top_up` or `adjustment`.
+    kind: &'static str,
+    /// Audit action.
+    action: &'static str,
+    delta_micros: i64,
+    /// The ledger reference, unique; the same request again returns the first entry.
+    reference: String,
+    note: &'a str,
+    /// Refuse a change that would take the balance below zero.
+    keep_non_negative: bool,
+}
+
 impl AdminApi {
+    /// Appends an operator's credit change to the ledger (once per reference), audits it and announces it
+    /// on the change feed, in one transaction.
+    async fn apply_operator_credit(
+        &self,
+        actor: &str,
+        credit: OperatorCredit<'_>,
+    ) -> Result<LedgerRow> {
+        let mut tx = self.state.db.begin().await?;
+        require_customer(&mut tx, credit.customer).await?;
+        if let Some(entry) = replayed_ledger_entry(
+            &mut tx,
+            &credit.reference,
+            credit.customer,
+            credit.delta_micros,
+            credit.note,
+        )
+        .await?
+        {
+            return Ok(entry);
+        }
+        if credit.keep_non_negative {
+            let balance = store::credit_balance(&mut *tx, credit.customer).await?;
+            if balance.saturating_add(credit.delta_micros) < 0 {
+                return Err(BillingError::FailedPrecondition(format!(
+                    "the adjustment would take the balance below zero (balance {balance}, adjustment {})",
+                    credit.delta_micros
+                )));
+            }
+        }
+        let entry = store::append_ledger_entry(
+            &mut *tx,
+            credit.customer,
+            credit.kind,
+            credit.delta_micros,
+            &credit.reference,
+            credit.note,
+        )
+        .await?
+        .ok_or_else(|| {
+            BillingError::AlreadyExists(format!("reference `{}` exists", credit.reference))
+        })?;
+        let details = serde_json::json!({
+            "customer_id": credit.customer.to_string(), "delta_micros": credit.delta_micros,
+            "reference": credit.reference, "note": credit.note,
+        });
+        audit(&mut tx, actor, credit.action, "ledger", entry.id, details).await?;
+        let change = Change::Credits {
+            customer: credit.customer.as_uuid(),
+            reference: credit.reference,
+            delta_micros: credit.delta_micros,
+        };
+        store::publish_change(&mut tx, &change).await?;
+        tx.commit().await?;
+        Ok(entry)
+    }
+
     async fn record_payment_effects(
         &self,
         conn: &mut PgConnection,
@@ -1137,52 +1208,19 @@ impl pb::billing_admin_server::BillingAdmin for AdminApi {
         }
         check_reference(&grant.reference)?;
         domain::check_length("note", &grant.note, 0, 1024)?;
-        let reference = format!("grant:{}", grant.reference);
 
-        let mut tx = self.state.db.begin().await.map_err(BillingError::from)?;
-        require_customer(&mut tx, customer_id).await?;
-        if let Some(entry) = replayed_ledger_entry(
-            &mut tx,
-            &reference,
-            customer_id,
-            grant.amount_micros,
-            &grant.note,
-        )
-        .await?
-        {
-            return Ok(Response::new(ledger_to_proto(entry)));
-        }
-        let entry = store::append_ledger_entry(
-            &mut *tx,
-            customer_id,
-            "top_up",
-            grant.amount_micros,
-            &reference,
-            &grant.note,
-        )
-        .await
-        .map_err(BillingError::from)?
-        .ok_or_else(|| BillingError::AlreadyExists(format!("reference `{reference}` exists")))?;
-        let details = serde_json::json!({ "customer_id": customer_id.to_string(), "amount_micros": grant.amount_micros, "reference": reference });
-        audit(
-            &mut tx,
-            &actor,
-            "credits.grant",
-            "ledger",
-            entry.id,
-            details,
-        )
-        .await?;
-        let change = Change::Credits {
-            customer: customer_id.as_uuid(),
-            reference,
+        let credit = OperatorCredit {
+            customer: customer_id,
+            kind: "top_up",
+            action: "credits.grant",
             delta_micros: grant.amount_micros,
+            reference: format!("grant:{}", grant.reference),
+            note: &grant.note,
+            keep_non_negative: false,
         };
-        store::publish_change(&mut tx, &change)
-            .await
-            .map_err(BillingError::from)?;
-        tx.commit().await.map_err(BillingError::from)?;
-        Ok(Response::new(ledger_to_proto(entry)))
+        Ok(Response::new(ledger_to_proto(
+            self.apply_operator_credit(&actor, credit).await?,
+        )))
     }
 
     #[tracing::instrument(skip_all)]
@@ -1201,62 +1239,19 @@ impl pb::billing_admin_server::BillingAdmin for AdminApi {
         }
         check_reference(&adjustment.reference)?;
         domain::check_length("note", &adjustment.note, 1, 1024)?;
-        let reference = format!("adjustment:{}", adjustment.reference);
 
-        let mut tx = self.state.db.begin().await.map_err(BillingError::from)?;
-        require_customer(&mut tx, customer_id).await?;
-        if let Some(entry) = replayed_ledger_entry(
-            &mut tx,
-            &reference,
-            customer_id,
-            adjustment.delta_micros,
-            &adjustment.note,
-        )
-        .await?
-        {
-            return Ok(Response::new(ledger_to_proto(entry)));
-        }
-        let balance = store::credit_balance(&mut *tx, customer_id)
-            .await
-            .map_err(BillingError::from)?;
-        if balance.saturating_add(adjustment.delta_micros) < 0 {
-            return Err(BillingError::FailedPrecondition(format!(
-                "the adjustment would take the balance below zero (balance {balance}, adjustment {})",
-                adjustment.delta_micros
-            ))
-            .into());
-        }
-        let entry = store::append_ledger_entry(
-            &mut *tx,
-            customer_id,
-            "adjustment",
-            adjustment.delta_micros,
-            &reference,
-            &adjustment.note,
-        )
-        .await
-        .map_err(BillingError::from)?
-        .ok_or_else(|| BillingError::AlreadyExists(format!("reference `{reference}` exists")))?;
-        let details = serde_json::json!({ "customer_id": customer_id.to_string(), "delta_micros": adjustment.delta_micros, "reference": reference, "note": adjustment.note });
-        audit(
-            &mut tx,
-            &actor,
-            "credits.adjust",
-            "ledger",
-            entry.id,
-            details,
-        )
-        .await?;
-        let change = Change::Credits {
-            customer: customer_id.as_uuid(),
-            reference,
+        let credit = OperatorCredit {
+            customer: customer_id,
+            kind: "adjustment",
+            action: "credits.adjust",
             delta_micros: adjustment.delta_micros,
+            reference: format!("adjustment:{}", adjustment.reference),
+            note: &adjustment.note,
+            keep_non_negative: true,
         };
-        store::publish_change(&mut tx, &change)
-            .await
-            .map_err(BillingError::from)?;
-        tx.commit().await.map_err(BillingError::from)?;
-        Ok(Response::new(ledger_to_proto(entry)))
+        Ok(Response::new(ledger_to_proto(
+            self.apply_operator_credit(&actor, credit).await?,
+        )))
     }
 
     #[tracing::instrument(skip_all)]
