@@ -91,6 +91,25 @@ pub async fn fresh_database() -> PgPool {
     pool
 }
 
+/// Returns the URL of a new, empty, uniquely named database (`bench_<uuid>`) on the same server as
+/// [`fresh_database`], for a service started as a separate process (which migrates it itself).
+pub async fn empty_database_url() -> String {
+    let server = server_options().await;
+    let name = format!("bench_{}", Uuid::new_v4().simple());
+    let mut maintenance = PgConnection::connect_with(&server)
+        .await
+        .unwrap_or_else(|error| panic!("failed to connect to PostgreSQL: {error}"));
+    sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut maintenance)
+        .await
+        .unwrap_or_else(|error| panic!("failed to create database `{name}`: {error}"));
+    let _ = maintenance.close().await;
+    let host = server.get_host();
+    let port = server.get_port();
+    let user = server.get_username();
+    format!("postgres://{user}@{host}:{port}/{name}?sslmode=disable")
+}
+
 async fn server_options() -> PgConnectOptions {
     if let Ok(url) = std::env::var("DATABASE_URL") {
         return url
