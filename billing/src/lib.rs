@@ -91,7 +91,11 @@ pub async fn serve(
         .add_service(reflection_alpha)
         .add_service(admin)
         .add_service(entitlements)
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener), stop_accepting)
+        // Nagle's algorithm would hold a reply's second segment for the peer's delayed ACK (tens of ms).
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            stop_accepting,
+        )
         .await?;
     Ok(())
 }

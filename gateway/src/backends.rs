@@ -4,8 +4,13 @@
 //! The breaker is `failsafe`'s state machine, used directly around our own deadline-bounded calls (no
 //! tower layering over tonic channels needed): after 3 consecutive failures it opens for an exponentially
 //! growing pause (1 s to 10 s; failsafe counts whole seconds), then lets a trial call through.
+//!
+//! Admissions are batched without waiting: a request goes to usage at once while fewer than
+//! `BATCHES_IN_FLIGHT` batches are out; otherwise it waits for one to come back and goes with everything
+//! else that queued meanwhile, in one `AdmitBatch`. Under load that turns many small gRPC calls and Redis
+//! round trips into few large ones; when idle every request travels alone, so batching adds no delay.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use backon::{ExponentialBuilder, Retryable};
 use failsafe::{
@@ -13,6 +18,7 @@ use failsafe::{
     backoff::{self, Exponential},
     failure_policy::{self, ConsecutiveFailures},
 };
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tonic::{Code, Request, service::interceptor::InterceptedService, transport::Channel};
 
 use proto::{
@@ -47,14 +53,26 @@ pub enum BackendError {
     Failed(tonic::Status),
 }
 
+/// Most admissions one `AdmitBatch` carries (usage accepts up to 1,000).
+const MAX_BATCH: usize = 256;
+/// Admission batches out at once; two per core of a small gateway keeps both usage's cores busy.
+const BATCHES_IN_FLIGHT: usize = 4;
+
+/// An admission waiting for its batch, and where its answer goes.
+struct PendingAdmission {
+    request: usage_pb::AdmitRequest,
+    answer: oneshot::Sender<Result<usage_pb::AdmitResponse, BackendError>>,
+}
+
 /// billing and usage, as the decision path calls them.
 #[derive(Clone)]
 pub struct Backends {
     billing: BillingClient,
     usage: UsageApiClient,
-    billing_breaker: std::sync::Arc<Breaker>,
-    usage_breaker: std::sync::Arc<Breaker>,
+    billing_breaker: Arc<Breaker>,
+    usage_breaker: Arc<Breaker>,
     deadline: Duration,
+    admissions: mpsc::UnboundedSender<PendingAdmission>,
 }
 
 /// Returns a lazily connecting channel to `url`.
@@ -71,14 +89,25 @@ pub fn channel(url: &str) -> anyhow::Result<Channel> {
 }
 
 impl Backends {
-    /// Returns backends over the two channels, sending `token`, giving each call `deadline`.
+    /// Returns backends over the two channels, sending `token`, giving each call `deadline`. Starts the
+    /// admission batcher on the current Tokio runtime; it stops when the last clone is dropped.
     pub fn new(billing: Channel, usage: Channel, token: BearerToken, deadline: Duration) -> Self {
-        Self {
-            billing: EntitlementsClient::with_interceptor(billing, token.clone()),
-            usage: UsageClient::with_interceptor(usage, token),
-            billing_breaker: std::sync::Arc::new(breaker()),
-            usage_breaker: std::sync::Arc::new(breaker()),
+        let usage = UsageClient::with_interceptor(usage, token.clone());
+        let usage_breaker = Arc::new(breaker());
+        let (admissions, queue) = mpsc::unbounded_channel();
+        tokio::spawn(send_admissions(
+            queue,
+            usage.clone(),
+            usage_breaker.clone(),
             deadline,
+        ));
+        Self {
+            billing: EntitlementsClient::with_interceptor(billing, token),
+            usage,
+            billing_breaker: Arc::new(breaker()),
+            usage_breaker,
+            deadline,
+            admissions,
         }
     }
 
@@ -123,7 +152,7 @@ impl Backends {
         }
     }
 
-    /// Asks usage to admit one request.
+    /// Asks usage to admit one request (batched with whatever else is waiting).
     pub async fn admit(
         &self,
         admission: usage_pb::AdmitRequest,
@@ -131,23 +160,26 @@ impl Backends {
         if !self.usage_breaker.is_call_permitted() {
             return Err(BackendError::CircuitOpen);
         }
-        let mut request = Request::new(admission);
-        request.set_timeout(self.deadline);
-        match tokio::time::timeout(self.deadline, self.usage.clone().admit(request)).await {
-            Ok(Ok(answer)) => {
-                self.usage_breaker.on_success();
-                Ok(answer.into_inner())
-            }
-            Ok(Err(status)) => {
-                self.usage_breaker.on_error();
-                Err(BackendError::Failed(status))
-            }
-            Err(_) => {
-                self.usage_breaker.on_error();
-                Err(BackendError::Failed(tonic::Status::deadline_exceeded(
-                    "usage did not answer in time",
-                )))
-            }
+        let (answer, answered) = oneshot::channel();
+        let pending = PendingAdmission {
+            request: admission,
+            answer,
+        };
+        if self.admissions.send(pending).is_err() {
+            return Err(BackendError::Failed(tonic::Status::unavailable(
+                "the admission batcher has stopped",
+            )));
+        }
+        // A request may wait for a batch slot and then for its batch, each bounded by the deadline. If this
+        // gives up first, a request still queued is dropped unsent (nothing is charged for it).
+        match tokio::time::timeout(self.deadline * 2, answered).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(BackendError::Failed(tonic::Status::internal(
+                "the admission batcher dropped a request",
+            ))),
+            Err(_) => Err(BackendError::Failed(tonic::Status::deadline_exceeded(
+                "usage did not answer in time",
+            ))),
         }
     }
 
@@ -156,42 +188,184 @@ impl Backends {
     /// request id however often it is sent, so retrying is safe, and the customer must not pay for a
     /// request the provider failed to serve.
     pub async fn refund(&self, customer_id: &str, request_id: &str) {
-        if self.try_refund(customer_id, request_id).await.is_ok() {
-            return;
-        }
-        let backends = self.clone();
-        let (customer_id, request_id) = (customer_id.to_owned(), request_id.to_owned());
-        tokio::spawn(async move {
-            let attempt = || backends.try_refund(&customer_id, &request_id);
-            let retried = attempt
-                .retry(
-                    ExponentialBuilder::default()
-                        .with_min_delay(Duration::from_millis(100))
-                        .with_max_delay(Duration::from_secs(30))
-                        .with_max_times(12),
-                )
-                .await;
-            match retried {
-                Ok(()) => tracing::info!(customer_id, request_id, "refund applied after retrying"),
-                Err(status) => {
-                    tracing::error!(customer_id, request_id, code = ?status.code(), "refund abandoned after retries")
-                }
+        refund(&self.usage, self.deadline, customer_id, request_id).await;
+    }
+}
+
+async fn refund(usage: &UsageApiClient, deadline: Duration, customer_id: &str, request_id: &str) {
+    if try_refund(usage, deadline, customer_id, request_id)
+        .await
+        .is_ok()
+    {
+        return;
+    }
+    let usage = usage.clone();
+    let (customer_id, request_id) = (customer_id.to_owned(), request_id.to_owned());
+    tokio::spawn(async move {
+        let attempt = || try_refund(&usage, deadline, &customer_id, &request_id);
+        let retried = attempt
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(100))
+                    .with_max_delay(Duration::from_secs(30))
+                    .with_max_times(12),
+            )
+            .await;
+        match retried {
+            Ok(()) => tracing::info!(customer_id, request_id, "refund applied after retrying"),
+            Err(status) => {
+                tracing::error!(customer_id, request_id, code = ?status.code(), "refund abandoned after retries")
             }
+        }
+    });
+}
+
+async fn try_refund(
+    usage: &UsageApiClient,
+    deadline: Duration,
+    customer_id: &str,
+    request_id: &str,
+) -> Result<(), tonic::Status> {
+    let mut request = Request::new(usage_pb::RefundRequest {
+        request_id: request_id.to_owned(),
+        customer_id: customer_id.to_owned(),
+    });
+    request.set_timeout(deadline * 4);
+    match usage.clone().refund(request).await {
+        Ok(_) => Ok(()),
+        Err(status) => {
+            tracing::warn!(customer_id, request_id, code = ?status.code(), "refund failed");
+            Err(status)
+        }
+    }
+}
+/// Sends queued admissions to usage in batches until every `Backends` clone is gone.
+async fn send_admissions(
+    mut queue: mpsc::UnboundedReceiver<PendingAdmission>,
+    usage: UsageApiClient,
+    breaker: Arc<Breaker>,
+    deadline: Duration,
+) {
+    let slots = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let Some(first) = queue.recv().await else {
+            return;
+        };
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(pending) => batch.push(pending),
+                Err(_) => break,
+            }
+        }
+        // A caller that gave up (its deadline, or its client went away) must not be charged.
+        batch.retain(|pending| !pending.answer.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
+        let (usage, breaker) = (usage.clone(), breaker.clone());
+        tokio::spawn(async move {
+            admit_batch(&usage, &breaker, deadline, batch).await;
+            drop(slot);
         });
     }
+}
 
-    async fn try_refund(&self, customer_id: &str, request_id: &str) -> Result<(), tonic::Status> {
-        let mut request = Request::new(usage_pb::RefundRequest {
-            request_id: request_id.to_owned(),
-            customer_id: customer_id.to_owned(),
-        });
-        request.set_timeout(self.deadline * 4);
-        match self.usage.clone().refund(request).await {
-            Ok(_) => Ok(()),
-            Err(status) => {
-                tracing::warn!(customer_id, request_id, code = ?status.code(), "refund failed");
-                Err(status)
+async fn admit_batch(
+    usage: &UsageApiClient,
+    breaker: &Breaker,
+    deadline: Duration,
+    batch: Vec<PendingAdmission>,
+) {
+    let (requests, answers): (Vec<_>, Vec<_>) = batch
+        .into_iter()
+        .map(|pending| (pending.request, pending.answer))
+        .unzip();
+    let ids: Vec<(String, String)> = requests
+        .iter()
+        .map(|request| (request.customer_id.clone(), request.request_id.clone()))
+        .collect();
+    let mut call = Request::new(usage_pb::AdmitBatchRequest {
+        requests: requests.clone(),
+    });
+    call.set_timeout(deadline);
+    let outcome = tokio::time::timeout(deadline, usage.clone().admit_batch(call)).await;
+    let results: Vec<Result<usage_pb::AdmitResponse, BackendError>> = match outcome {
+        Ok(Ok(answer)) => {
+            breaker.on_success();
+            let decisions = answer.into_inner().decisions;
+            if decisions.len() == answers.len() {
+                decisions.into_iter().map(item_result).collect()
+            } else {
+                let status =
+                    tonic::Status::internal("usage answered a batch with a different count");
+                answers
+                    .iter()
+                    .map(|_| Err(BackendError::Failed(status.clone())))
+                    .collect()
             }
         }
+        // A batch is refused whole when one request in it is invalid; asking one by one keeps the
+        // others' answers.
+        Ok(Err(status)) if status.code() == Code::InvalidArgument => {
+            breaker.on_success();
+            let mut results = Vec::with_capacity(requests.len());
+            for request in requests {
+                results.push(admit_one(usage, deadline, request).await);
+            }
+            results
+        }
+        Ok(Err(status)) => {
+            breaker.on_error();
+            answers
+                .iter()
+                .map(|_| Err(BackendError::Failed(status.clone())))
+                .collect()
+        }
+        Err(_) => {
+            breaker.on_error();
+            let status = tonic::Status::deadline_exceeded("usage did not answer in time");
+            answers
+                .iter()
+                .map(|_| Err(BackendError::Failed(status.clone())))
+                .collect()
+        }
+    };
+    for ((answer, result), (customer_id, request_id)) in answers.into_iter().zip(results).zip(ids) {
+        let charged = matches!(&result, Ok(decision) if decision.decision() == usage_pb::Decision::Admitted && !decision.replayed);
+        if answer.send(result).is_err() && charged {
+            // The caller stopped waiting after usage took the units: it answers 503 or nothing, so the
+            // units go back.
+            refund(usage, deadline, &customer_id, &request_id).await;
+        }
+    }
+}
+
+fn item_result(decision: usage_pb::AdmitResponse) -> Result<usage_pb::AdmitResponse, BackendError> {
+    if decision.error.is_empty() {
+        Ok(decision)
+    } else {
+        Err(BackendError::Failed(tonic::Status::unavailable(
+            decision.error,
+        )))
+    }
+}
+
+async fn admit_one(
+    usage: &UsageApiClient,
+    deadline: Duration,
+    admission: usage_pb::AdmitRequest,
+) -> Result<usage_pb::AdmitResponse, BackendError> {
+    let mut request = Request::new(admission);
+    request.set_timeout(deadline);
+    match tokio::time::timeout(deadline, usage.clone().admit(request)).await {
+        Ok(Ok(answer)) => Ok(answer.into_inner()),
+        Ok(Err(status)) => Err(BackendError::Failed(status)),
+        Err(_) => Err(BackendError::Failed(tonic::Status::deadline_exceeded(
+            "usage did not answer in time",
+        ))),
     }
 }

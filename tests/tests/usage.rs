@@ -838,3 +838,44 @@ async fn a_batch_decides_each_request_of_many_customers_exactly() {
         assert_eq!(usage_figures(&mut client, subscriber).await.units_used, 50);
     }
 }
+
+#[tokio::test]
+async fn a_wrong_typed_key_in_a_batch_fails_only_its_own_request() {
+    let billing = spawn_billing(fresh_database().await).await;
+    let usage = spawn_usage(&billing).await;
+    let subscriber = subscribe(&billing, free_plan("batch-corrupted", 10)).await;
+    let mut redis = redis_connection().await;
+    let corrupted = usage
+        .counters
+        .keys()
+        .request(subscriber.customer(), "corrupted");
+    let _: () = redis::cmd("HSET")
+        .arg(&corrupted)
+        .arg("not")
+        .arg("a record")
+        .query_async(&mut redis)
+        .await
+        .expect("hset");
+    let mut client = usage.client().await;
+
+    let answers = client
+        .admit_batch(AdmitBatchRequest {
+            requests: vec![
+                subscriber.admit("first"),
+                subscriber.admit("corrupted"),
+                subscriber.admit("third"),
+            ],
+        })
+        .await
+        .expect("batch")
+        .into_inner()
+        .decisions;
+
+    assert_eq!(answers.len(), 3);
+    assert_eq!(answers[0].decision(), Decision::Admitted);
+    assert_eq!(answers[0].quota_used, 1);
+    assert!(!answers[1].error.is_empty());
+    assert_eq!(answers[2].decision(), Decision::Admitted);
+    assert_eq!(answers[2].quota_used, 2);
+    assert_eq!(usage_figures(&mut client, &subscriber).await.units_used, 2);
+}

@@ -260,6 +260,7 @@ pub struct Durability {
 
 struct Scripts {
     admit: Script,
+    admit_many: Script,
     refund: Script,
     load_credits: Script,
     grant: Script,
@@ -279,7 +280,14 @@ impl Counters {
     /// Returns counters over `connection` under `keys`, with the scripts loaded into Redis.
     pub async fn new(connection: ConnectionManager, keys: Keys) -> redis::RedisResult<Self> {
         let scripts = Scripts {
-            admit: Script::new(include_str!("scripts/admit.lua")),
+            admit: Script::new(concat!(
+                include_str!("scripts/admit_core.lua"),
+                include_str!("scripts/admit.lua")
+            )),
+            admit_many: Script::new(concat!(
+                include_str!("scripts/admit_core.lua"),
+                include_str!("scripts/admit_many.lua")
+            )),
             refund: Script::new(include_str!("scripts/refund.lua")),
             load_credits: Script::new(include_str!("scripts/load_credits.lua")),
             grant: Script::new(include_str!("scripts/grant.lua")),
@@ -302,16 +310,32 @@ impl Counters {
 
     async fn load_admit_script(&self) -> redis::RedisResult<()> {
         let mut connection = self.connection.clone();
-        self.scripts
-            .admit
-            .prepare_invoke()
-            .load_async(&mut connection)
-            .await?;
+        for script in [&self.scripts.admit, &self.scripts.admit_many] {
+            script.prepare_invoke().load_async(&mut connection).await?;
+        }
         Ok(())
     }
 
     fn admit_invocation<'a>(&'a self, admission: &Admission) -> redis::ScriptInvocation<'a> {
         let mut invocation = self.scripts.admit.prepare_invoke();
+        self.add_admission(&mut invocation, admission);
+        invocation
+    }
+
+    /// Returns one call deciding several requests of one customer, in order.
+    fn admit_many_invocation<'a, 'b>(
+        &'a self,
+        admissions: impl Iterator<Item = &'b Admission>,
+    ) -> redis::ScriptInvocation<'a> {
+        let mut invocation = self.scripts.admit_many.prepare_invoke();
+        for admission in admissions {
+            self.add_admission(&mut invocation, admission);
+        }
+        invocation
+    }
+
+    /// Appends the 5 keys and 11 arguments of one request (see `scripts/admit_core.lua`).
+    fn add_admission(&self, invocation: &mut redis::ScriptInvocation<'_>, admission: &Admission) {
         for key in self.keys.admission(admission) {
             invocation.key(key);
         }
@@ -331,7 +355,6 @@ impl Counters {
             .arg(admission.outbox_field())
             .arg(REQUEST_TTL_SECONDS)
             .arg(QUOTA_RETENTION_MS);
-        invocation
     }
 
     /// Decides one request in one round trip.
@@ -344,8 +367,8 @@ impl Counters {
         Decision::from_reply(&reply)
     }
 
-    /// Decides many requests in one round trip (a pipeline of independent script calls, each atomic).
-    /// Each element is that request's decision or its own error.
+    /// Decides many requests in one round trip: one script call per customer (deciding that customer's
+    /// requests in order), all calls pipelined. Each element is that request's decision or its own error.
     pub async fn admit_many(
         &self,
         admissions: &[Admission],
@@ -353,42 +376,68 @@ impl Counters {
         if admissions.is_empty() {
             return Ok(Vec::new());
         }
-        let mut connection = self.connection.clone();
-        let replies = self
-            .pipeline_admissions(&mut connection, admissions)
-            .await?;
-        if replies.iter().any(is_noscript) {
-            // Redis lost its script cache (restart, SCRIPT FLUSH): nothing of a NOSCRIPT call ran, so
-            // loading the script and sending those calls again is safe.
-            self.load_admit_script().await?;
-            let mut results = Vec::with_capacity(replies.len());
-            for (reply, admission) in replies.into_iter().zip(admissions) {
-                results.push(if is_noscript(&reply) {
-                    self.admit(admission).await
-                } else {
-                    reply.and_then(|values| Decision::from_reply(&values))
-                });
-            }
-            return Ok(results);
+        let mut groups: Vec<Vec<usize>> = Vec::new();
+        let mut group_of: std::collections::HashMap<Uuid, usize> =
+            std::collections::HashMap::with_capacity(admissions.len());
+        for (index, admission) in admissions.iter().enumerate() {
+            let group = *group_of.entry(admission.customer).or_insert_with(|| {
+                groups.push(Vec::new());
+                groups.len() - 1
+            });
+            groups[group].push(index);
         }
-        Ok(replies
-            .into_iter()
-            .map(|reply| reply.and_then(|values| Decision::from_reply(&values)))
-            .collect())
-    }
 
-    async fn pipeline_admissions(
-        &self,
-        connection: &mut ConnectionManager,
-        admissions: &[Admission],
-    ) -> redis::RedisResult<Vec<redis::RedisResult<Vec<i64>>>> {
         let mut pipeline = redis::pipe();
         // One request's failure (a wrong-typed key) must not fail the others' decisions.
         pipeline.ignore_errors();
-        for admission in admissions {
-            pipeline.invoke_script(&self.admit_invocation(admission));
+        for group in &groups {
+            match group.as_slice() {
+                [only] => pipeline.invoke_script(&self.admit_invocation(&admissions[*only])),
+                _ => pipeline.invoke_script(
+                    &self.admit_many_invocation(group.iter().map(|&index| &admissions[index])),
+                ),
+            };
         }
-        pipeline.query_async(connection).await
+        let mut connection = self.connection.clone();
+        let replies: Vec<redis::RedisResult<redis::Value>> =
+            pipeline.query_async(&mut connection).await?;
+        if replies.len() != groups.len() {
+            return Err(unexpected_reply("admit"));
+        }
+
+        let mut results: Vec<Option<redis::RedisResult<Decision>>> =
+            (0..admissions.len()).map(|_| None).collect();
+        let mut script_lost = false;
+        for (reply, group) in replies.into_iter().zip(&groups) {
+            if is_noscript(&reply) {
+                // Redis lost its script cache (restart, SCRIPT FLUSH): nothing of a NOSCRIPT call ran,
+                // so these requests are decided again below.
+                script_lost = true;
+                continue;
+            }
+            let answers: Vec<redis::RedisResult<Vec<i64>>> = match (reply, group.len()) {
+                (Ok(value), 1) => vec![redis::from_redis_value(value).map_err(Into::into)],
+                (Ok(value), _) => redis::from_redis_value(value)?,
+                (Err(error), _) => group.iter().map(|_| Err(error.clone())).collect(),
+            };
+            if answers.len() != group.len() {
+                return Err(unexpected_reply("admit"));
+            }
+            for (answer, &index) in answers.into_iter().zip(group) {
+                results[index] = Some(answer.and_then(|values| Decision::from_reply(&values)));
+            }
+        }
+        if script_lost {
+            self.load_admit_script().await?;
+        }
+        let mut decided = Vec::with_capacity(admissions.len());
+        for (result, admission) in results.into_iter().zip(admissions) {
+            decided.push(match result {
+                Some(result) => result,
+                None => self.admit(admission).await,
+            });
+        }
+        Ok(decided)
     }
 
     /// Loads a customer's spendable balance from billing's figure unless it is loaded; returns the balance.

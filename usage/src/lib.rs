@@ -134,7 +134,11 @@ pub async fn serve(
         .add_service(reflection)
         .add_service(reflection_alpha)
         .add_service(api)
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener), stop_accepting)
+        // Nagle's algorithm would hold a reply's second segment for the peer's delayed ACK (tens of ms).
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            stop_accepting,
+        )
         .await;
 
     // Every admission is in Redis now; report it before going.
