@@ -72,6 +72,9 @@ struct Args {
     /// Bursts (each with a customer of its own).
     #[arg(long, default_value_t = 10)]
     burst_trials: usize,
+    /// Tokio worker threads for billing, usage and the gateway (`TOKIO_WORKER_THREADS`); unset: one per core.
+    #[arg(long)]
+    worker_threads: Option<usize>,
     /// A label for the results file (e.g. `smoke`).
     #[arg(long, default_value = "full")]
     label: String,
@@ -126,8 +129,13 @@ async fn run(args: &Args, work: &Path) -> Value {
             ("DATABASE_URL", database_url.as_str()),
             ("BILLING_LISTEN_ADDR", &format!("127.0.0.1:{billing_port}")),
             ("BILLING_ADMIN_TOKEN", ADMIN_TOKEN),
+            (
+                "BILLING_METRICS_ADDR",
+                &format!("127.0.0.1:{}", free_port()),
+            ),
             ("PAYGATE_SERVICE_TOKEN", SERVICE_TOKEN),
         ],
+        args.worker_threads,
     );
     wait_for_port(billing_port, "billing").await;
     let usage = Service::start(
@@ -136,9 +144,11 @@ async fn run(args: &Args, work: &Path) -> Value {
         &[
             ("REDIS_URL", redis_url.as_str()),
             ("USAGE_LISTEN_ADDR", &format!("127.0.0.1:{usage_port}")),
+            ("USAGE_METRICS_ADDR", &format!("127.0.0.1:{}", free_port())),
             ("BILLING_URL", &format!("http://127.0.0.1:{billing_port}")),
             ("PAYGATE_SERVICE_TOKEN", SERVICE_TOKEN),
         ],
+        args.worker_threads,
     );
     wait_for_port(usage_port, "usage").await;
     let routes = work.join("routes.toml");
@@ -156,6 +166,10 @@ async fn run(args: &Args, work: &Path) -> Value {
             ),
             ("GATEWAY_CONFIG".into(), routes.display().to_string()),
             (
+                "GATEWAY_METRICS_ADDR".into(),
+                format!("127.0.0.1:{}", free_port()),
+            ),
+            (
                 "BILLING_URL".into(),
                 format!("http://127.0.0.1:{billing_port}"),
             ),
@@ -163,6 +177,7 @@ async fn run(args: &Args, work: &Path) -> Value {
             ("PAYGATE_SERVICE_TOKEN".into(), SERVICE_TOKEN.into()),
         ],
         port: gateway_port,
+        threads: args.worker_threads,
     };
     let mut gateway = gateway_env.start().await;
 
@@ -337,9 +352,18 @@ struct Service {
 }
 
 impl Service {
-    fn start(bin_dir: &Path, name: &'static str, env: &[(&str, &str)]) -> Self {
+    fn start(
+        bin_dir: &Path,
+        name: &'static str,
+        env: &[(&str, &str)],
+        threads: Option<usize>,
+    ) -> Self {
         let binary = bin_dir.join(name);
-        let child = Command::new(&binary)
+        let mut command = Command::new(&binary);
+        if let Some(threads) = threads {
+            command.env("TOKIO_WORKER_THREADS", threads.to_string());
+        }
+        let child = command
             .envs(env.iter().copied())
             .env(
                 "RUST_LOG",
@@ -371,6 +395,7 @@ struct GatewayEnv {
     bin_dir: PathBuf,
     env: Vec<(String, String)>,
     port: u16,
+    threads: Option<usize>,
 }
 
 impl GatewayEnv {
@@ -380,7 +405,7 @@ impl GatewayEnv {
             .iter()
             .map(|(name, value)| (name.as_str(), value.as_str()))
             .collect();
-        let service = Service::start(&self.bin_dir, "gateway", &env);
+        let service = Service::start(&self.bin_dir, "gateway", &env, self.threads);
         wait_for_port(self.port, "gateway").await;
         service
     }
@@ -1218,6 +1243,7 @@ impl Report<'_> {
                 "connections": self.args.connections,
                 "wrk_threads": WRK_THREADS,
                 "keys": self.args.keys,
+                "worker_threads": self.args.worker_threads,
                 "cpus": std::thread::available_parallelism().map(usize::from).unwrap_or(0),
             },
             "saturation": {
