@@ -15,6 +15,9 @@ pub struct Config {
     /// Address the gRPC server listens on.
     #[arg(long, env = "BILLING_LISTEN_ADDR", default_value = "0.0.0.0:50051")]
     pub listen_addr: SocketAddr,
+    /// Address Prometheus scrapes `/metrics` on.
+    #[arg(long, env = "BILLING_METRICS_ADDR", default_value = "0.0.0.0:9101")]
+    pub metrics_addr: SocketAddr,
     /// PostgreSQL connection string (required, or DATABASE_URL_FILE).
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,

@@ -1670,7 +1670,11 @@ impl pb::entitlements_server::Entitlements for EntitlementsApi {
             .into());
         }
         let items = ReceiverStream::new(self.feed.watch(after));
-        Ok(Response::new(Box::pin(items.map(change_event))))
+        let subscriber = Subscriber::counted();
+        Ok(Response::new(Box::pin(items.map(move |event| {
+            let _counted_while_streaming = &subscriber;
+            change_event(event)
+        }))))
     }
 
     #[tracing::instrument(skip_all, fields(report_id = %request.get_ref().report_id))]
@@ -1801,5 +1805,21 @@ impl pb::entitlements_server::Entitlements for EntitlementsApi {
     ) -> Result<Response<pb::CreditBalance>, Status> {
         let id = CustomerId::parse(&request.get_ref().customer_id)?;
         Ok(Response::new(read_balance(&self.state.db, id).await?))
+    }
+}
+
+/// One open change stream, counted in `paygate_billing_change_stream_subscribers` while it lives.
+struct Subscriber;
+
+impl Subscriber {
+    fn counted() -> Self {
+        metrics::gauge!("paygate_billing_change_stream_subscribers").increment(1.0);
+        Self
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        metrics::gauge!("paygate_billing_change_stream_subscribers").decrement(1.0);
     }
 }

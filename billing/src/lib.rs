@@ -8,6 +8,7 @@
 //! - `changes`: the entitlement change feed (LISTEN/NOTIFY fan-out to watchers)
 //! - `grpc`: the transport adapter between proto and domain
 //! - `error`: the service's error type and its mapping to gRPC status
+//! - `rpc_counter`: the tower layer counting every RPC for Prometheus
 
 pub mod changes;
 pub mod clock;
@@ -15,6 +16,7 @@ pub mod config;
 pub mod domain;
 pub mod error;
 pub mod grpc;
+pub mod rpc_counter;
 pub mod store;
 
 use std::{future::Future, sync::Arc};
@@ -52,6 +54,11 @@ pub async fn serve(
     clock: Arc<dyn Clock>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    // Every series exists from the start, so Prometheus' rate() sees the first event as an increase.
+    for kind in ["top_up", "usage", "refund", "adjustment"] {
+        metrics::counter!("paygate_billing_ledger_writes_total", "kind" => kind).increment(0);
+    }
+    metrics::gauge!("paygate_billing_change_stream_subscribers").increment(0.0);
     let stop = CancellationToken::new();
     let feed = changes::ChangeFeed::start(db.clone(), stop.clone()).await?;
     let state = grpc::State { db, clock };
@@ -86,6 +93,7 @@ pub async fn serve(
         stop.cancel();
     };
     Server::builder()
+        .layer(rpc_counter::CountRpcs)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)

@@ -20,11 +20,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = billing::Config::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    telemetry::init_logs();
     match run(config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -57,6 +53,14 @@ async fn run(config: billing::Config) -> anyhow::Result<()> {
         .run(&db)
         .await
         .context("failed to run migrations")?;
+    let metrics = TcpListener::bind(config.metrics_addr)
+        .await
+        .with_context(|| format!("failed to listen on {} for metrics", config.metrics_addr))?;
+    tokio::spawn(telemetry::serve_metrics(
+        metrics,
+        telemetry::metrics(),
+        std::future::pending(),
+    ));
     let listener = TcpListener::bind(config.listen_addr)
         .await
         .with_context(|| format!("failed to listen on {}", config.listen_addr))?;

@@ -503,7 +503,7 @@ pub async fn append_ledger_entry(
     reference: &str,
     note: &str,
 ) -> sqlx::Result<Option<LedgerRow>> {
-    sqlx::query_as!(
+    let appended = sqlx::query_as!(
         LedgerRow,
         r#"INSERT INTO credit_ledger (customer_id, kind, delta_micros, reference, note)
            VALUES ($1, $2, $3, $4, $5)
@@ -516,7 +516,13 @@ pub async fn append_ledger_entry(
         note,
     )
     .fetch_optional(db)
-    .await
+    .await?;
+    if appended.is_some() {
+        // Counted when the row is written; a transaction that then rolls back (rare) is counted too.
+        metrics::counter!("paygate_billing_ledger_writes_total", "kind" => kind.to_owned())
+            .increment(1);
+    }
+    Ok(appended)
 }
 
 /// Returns the ledger entry with `reference`, or `None`.

@@ -121,7 +121,7 @@ impl Backends {
         &self,
         digest: [u8; 32],
     ) -> Result<Option<billing_pb::Entitlement>, BackendError> {
-        if !self.billing_breaker.is_call_permitted() {
+        if !permitted(&self.billing_breaker, "billing") {
             return Err(BackendError::CircuitOpen);
         }
         let mut request = Request::new(billing_pb::ResolveRequest {
@@ -157,7 +157,7 @@ impl Backends {
         &self,
         admission: usage_pb::AdmitRequest,
     ) -> Result<usage_pb::AdmitResponse, BackendError> {
-        if !self.usage_breaker.is_call_permitted() {
+        if !permitted(&self.usage_breaker, "usage") {
             return Err(BackendError::CircuitOpen);
         }
         let (answer, answered) = oneshot::channel();
@@ -368,4 +368,15 @@ async fn admit_one(
             "usage did not answer in time",
         ))),
     }
+}
+
+/// Asks `breaker` whether a call may go out, and shows the answer as `paygate_gateway_breaker_open`.
+fn permitted(breaker: &Breaker, backend: &'static str) -> bool {
+    let permitted = breaker.is_call_permitted();
+    metrics::gauge!("paygate_gateway_breaker_open", "backend" => backend).set(if permitted {
+        0.0
+    } else {
+        1.0
+    });
+    permitted
 }

@@ -16,6 +16,9 @@ pub struct Config {
     /// Address the HTTP server listens on.
     #[arg(long, env = "GATEWAY_LISTEN_ADDR", default_value = "0.0.0.0:8080")]
     pub listen_addr: SocketAddr,
+    /// Address Prometheus scrapes `/metrics` on.
+    #[arg(long, env = "GATEWAY_METRICS_ADDR", default_value = "0.0.0.0:9100")]
+    pub metrics_addr: SocketAddr,
     /// The routes file (TOML): prefixes, upstreams, prices, failure modes, limits.
     #[arg(long, env = "GATEWAY_CONFIG")]
     pub routes_file: PathBuf,

@@ -79,6 +79,13 @@ impl EntitlementCache {
     /// Returns what billing says about `digest`, from the cache when it holds an answer. Concurrent misses
     /// for one digest share one call to billing.
     pub async fn lookup(&self, digest: [u8; 32]) -> Result<Lookup, Arc<BackendError>> {
+        if let Some(entry) = self.cache.get(&digest).await {
+            metrics::counter!("paygate_gateway_entitlement_cache_total", "result" => "hit")
+                .increment(1);
+            return Ok(entry.lookup);
+        }
+        metrics::counter!("paygate_gateway_entitlement_cache_total", "result" => "miss")
+            .increment(1);
         let entry = self
             .cache
             .try_get_with(digest, async {

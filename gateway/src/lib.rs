@@ -43,6 +43,22 @@ pub fn gateway(
     table: routes::RouteTable,
     backends: backends::Backends,
 ) -> Arc<Gateway> {
+    // Every series exists from the start, so Prometheus' rate() sees the first event as an increase.
+    for route in table.prefixes() {
+        metrics::counter!("paygate_gateway_degraded_passes_total", "route" => route.to_owned())
+            .increment(0);
+    }
+    for backend in ["billing", "usage"] {
+        for kind in ["circuit_open", "deadline", "failed"] {
+            metrics::counter!("paygate_gateway_backend_errors_total", "backend" => backend, "kind" => kind)
+                .increment(0);
+        }
+        metrics::gauge!("paygate_gateway_breaker_open", "backend" => backend).set(0.0);
+    }
+    for result in ["hit", "miss"] {
+        metrics::counter!("paygate_gateway_entitlement_cache_total", "result" => result)
+            .increment(0);
+    }
     Arc::new(Gateway {
         routes: table,
         file,

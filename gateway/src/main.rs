@@ -14,11 +14,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = gateway::Config::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    telemetry::init_logs();
     match run(config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -47,6 +43,14 @@ async fn run(config: gateway::Config) -> anyhow::Result<()> {
         token,
         config.backend_deadline(),
     );
+    let metrics = TcpListener::bind(config.metrics_addr)
+        .await
+        .with_context(|| format!("failed to listen on {} for metrics", config.metrics_addr))?;
+    tokio::spawn(telemetry::serve_metrics(
+        metrics,
+        telemetry::metrics(),
+        std::future::pending(),
+    ));
     let listener = TcpListener::bind(config.listen_addr)
         .await
         .with_context(|| format!("failed to listen on {}", config.listen_addr))?;

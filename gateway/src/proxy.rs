@@ -5,7 +5,7 @@ use std::{
     convert::Infallible,
     net::SocketAddr,
     sync::{Arc, Mutex},
-    time::SystemTime,
+    time::{Instant, SystemTime},
 };
 
 use bytes::Bytes;
@@ -22,7 +22,7 @@ use proto::{
 };
 
 use crate::{
-    backends::Backends,
+    backends::{BackendError, Backends},
     entitlements::{EntitlementCache, Lookup},
     headers::{self, Forwarding, KeySource},
     problem::{Actions, Code, Money, Problem},
@@ -67,6 +67,13 @@ fn full(bytes: impl Into<Bytes>) -> Body {
         .boxed()
 }
 
+/// What the gateway decided for one request (a problem code, or `forwarded`), carried on the answer to
+/// `handle`, which counts it.
+#[derive(Clone, Copy)]
+struct Outcome(&'static str);
+
+const FORWARDED: Outcome = Outcome("forwarded");
+
 /// What an answer carries besides its status and body.
 #[derive(Default)]
 struct Extras {
@@ -85,6 +92,7 @@ impl Gateway {
             StatusCode::from_u16(problem.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let mut response = Response::new(full(problem.to_json()));
         *response.status_mut() = status;
+        response.extensions_mut().insert(Outcome(problem.code));
         let answer = response.headers_mut();
         answer.insert(
             header::CONTENT_TYPE,
@@ -136,10 +144,34 @@ impl Gateway {
         request: Request<Incoming>,
         peer: SocketAddr,
     ) -> Result<Response<Body>, Infallible> {
+        let started = Instant::now();
         let request_id = request_id(request.headers());
-        let mut response = self.decide_and_forward(request, peer, &request_id).await;
+        let route = self
+            .routes
+            .find(request.uri().path())
+            .map(|route| route.prefix.clone());
+        let mut response = self
+            .decide_and_forward(request, peer, &request_id, started)
+            .await;
         if let Ok(id) = HeaderValue::from_str(&request_id) {
             response.headers_mut().insert(headers::REQUEST_ID, id);
+        }
+        // Health checks and the problem pages are not decisions and are not counted.
+        if let Some(Outcome(code)) = response.extensions_mut().remove::<Outcome>() {
+            let elapsed = started.elapsed();
+            let route = route.unwrap_or_else(|| "none".to_owned());
+            metrics::counter!(
+                "paygate_gateway_requests_total",
+                "route" => route.clone(),
+                "code" => code,
+                "status" => response.status().as_u16().to_string(),
+            )
+            .increment(1);
+            metrics::histogram!("paygate_gateway_request_duration_seconds", "route" => route)
+                .record(elapsed);
+            if code != FORWARDED.0 {
+                metrics::histogram!("paygate_gateway_decision_duration_seconds").record(elapsed);
+            }
         }
         Ok(response)
     }
@@ -149,6 +181,7 @@ impl Gateway {
         request: Request<Incoming>,
         peer: SocketAddr,
         request_id: &str,
+        started: Instant,
     ) -> Response<Body> {
         let path = request.uri().path();
         if path == HEALTH_PATH {
@@ -226,6 +259,7 @@ impl Gateway {
                 );
             }
             Err(error) => {
+                count_backend_error("billing", &error);
                 tracing::warn!(%error, route = %route.prefix, "billing could not resolve a key");
                 return self
                     .degraded_or_unavailable(request, peer, &route, digest, key_source, request_id)
@@ -253,6 +287,7 @@ impl Gateway {
         let decision = match self.backends.admit(admission).await {
             Ok(decision) => decision,
             Err(error) => {
+                count_backend_error("usage", &error);
                 tracing::warn!(%error, customer_id = %entitlement.customer_id, "usage could not admit");
                 return self
                     .degraded_or_unavailable(request, peer, &route, digest, key_source, request_id)
@@ -310,7 +345,11 @@ impl Gateway {
             plan_code: entitlement.plan_code.clone(),
             key_source,
         };
+        metrics::histogram!("paygate_gateway_decision_duration_seconds").record(started.elapsed());
+        let asked_upstream = Instant::now();
         let response = self.forward(request, &route, &forwarding, request_id).await;
+        metrics::histogram!("paygate_gateway_upstream_duration_seconds", "route" => route.prefix.clone())
+            .record(asked_upstream.elapsed());
         let refund = match &response {
             Forwarded::Answer(answer) => answer.status().is_server_error(),
             Forwarded::Unreachable | Forwarded::TimedOut | Forwarded::TooLarge => true,
@@ -321,7 +360,10 @@ impl Gateway {
                 .await;
         }
         let mut answer = match response {
-            Forwarded::Answer(answer) => answer,
+            Forwarded::Answer(mut answer) => {
+                answer.extensions_mut().insert(FORWARDED);
+                answer
+            }
             Forwarded::Unreachable => {
                 return self.problem_response(
                     self.problem(Code::UpstreamUnavailable),
@@ -467,6 +509,8 @@ impl Gateway {
             }
             *used += price;
         }
+        metrics::counter!("paygate_gateway_degraded_passes_total", "route" => route.prefix.clone())
+            .increment(1);
         tracing::warn!(route = %route.prefix, "forwarding without a decision (failure_mode = open)");
         let forwarding = OwnedForwarding {
             client_ip: peer.ip(),
@@ -480,6 +524,7 @@ impl Gateway {
                 answer
                     .headers_mut()
                     .insert(headers::DEGRADED, HeaderValue::from_static("true"));
+                answer.extensions_mut().insert(FORWARDED);
                 answer
             }
             Forwarded::Unreachable => self.problem_response(
@@ -686,6 +731,18 @@ fn rfc3339(timestamp: &prost_types::Timestamp) -> Option<String> {
     instant
         .format(&time::format_description::well_known::Rfc3339)
         .ok()
+}
+
+fn count_backend_error(backend: &'static str, error: &BackendError) {
+    let kind = match error {
+        BackendError::CircuitOpen => "circuit_open",
+        BackendError::Failed(status) if status.code() == tonic::Code::DeadlineExceeded => {
+            "deadline"
+        }
+        BackendError::Failed(_) => "failed",
+    };
+    metrics::counter!("paygate_gateway_backend_errors_total", "backend" => backend, "kind" => kind)
+        .increment(1);
 }
 
 #[cfg(test)]

@@ -129,6 +129,11 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
+    /// Returns every route's prefix.
+    pub fn prefixes(&self) -> impl Iterator<Item = &str> {
+        self.routes.iter().map(|route| route.prefix.as_str())
+    }
+
     /// Checks and indexes the routes of a file.
     pub fn new(specs: &[RouteSpec]) -> Result<Self, RoutesError> {
         if specs.is_empty() {

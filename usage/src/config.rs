@@ -16,6 +16,9 @@ pub struct Config {
     /// Address the gRPC server listens on.
     #[arg(long, env = "USAGE_LISTEN_ADDR", default_value = "0.0.0.0:50052")]
     pub listen_addr: SocketAddr,
+    /// Address Prometheus scrapes `/metrics` on.
+    #[arg(long, env = "USAGE_METRICS_ADDR", default_value = "0.0.0.0:9102")]
+    pub metrics_addr: SocketAddr,
     /// Redis URL (required, or REDIS_URL_FILE), e.g. redis://127.0.0.1:6379.
     #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,

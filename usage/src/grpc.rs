@@ -39,31 +39,53 @@ pub struct DirtyCustomers(Arc<Mutex<HashSet<Uuid>>>);
 impl DirtyCustomers {
     /// Notes that `customer` has spending to report.
     pub fn mark(&self, customer: Uuid) {
-        self.0
+        let mut dirty = self
+            .0
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(customer);
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if dirty.insert(customer) {
+            count_outbox_customers(dirty.len());
+        }
     }
 
     /// Notes several customers at once.
     pub fn mark_all(&self, customers: impl IntoIterator<Item = Uuid>) {
-        self.0
+        let mut dirty = self
+            .0
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .extend(customers);
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        dirty.extend(customers);
+        count_outbox_customers(dirty.len());
     }
 
     /// Takes every noted customer, leaving none.
     pub fn take(&self) -> Vec<Uuid> {
-        std::mem::take(
+        let taken = std::mem::take(
             &mut *self
                 .0
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner()),
-        )
-        .into_iter()
-        .collect()
+        );
+        count_outbox_customers(0);
+        taken.into_iter().collect()
     }
+}
+
+/// Customers with spending noted and not yet taken for a report.
+fn count_outbox_customers(customers: usize) {
+    metrics::gauge!("paygate_usage_outbox_customers").set(customers as f64);
+}
+
+/// Counts one decision as `paygate_usage_admissions_total{outcome}`.
+fn count_admission(outcome: Result<Verdict, ()>) {
+    let outcome = match outcome {
+        Ok(Verdict::Admitted) => "admitted",
+        Ok(Verdict::RateLimited) => "rate_limited",
+        Ok(Verdict::QuotaExhausted) => "quota_exhausted",
+        Ok(Verdict::CreditsExhausted) => "credits_exhausted",
+        Ok(Verdict::CreditsNotLoaded) | Err(()) => "error",
+    };
+    metrics::counter!("paygate_usage_admissions_total", "outcome" => outcome).increment(1);
 }
 
 /// Serves `usage.v1.Usage`.
@@ -113,10 +135,21 @@ impl UsageApi {
     }
 
     async fn decide(&self, admission: &Admission) -> Result<Decision, UsageError> {
-        let mut decision = self.counters.admit(admission).await?;
+        let decided = self.decide_once(admission).await;
+        count_admission(
+            decided
+                .as_ref()
+                .map(|decision| decision.verdict)
+                .map_err(|_| ()),
+        );
+        decided
+    }
+
+    async fn decide_once(&self, admission: &Admission) -> Result<Decision, UsageError> {
+        let mut decision = self.timed_admit(admission).await?;
         if decision.verdict == Verdict::CreditsNotLoaded {
             self.load_credits(admission.customer).await?;
-            decision = self.counters.admit(admission).await?;
+            decision = self.timed_admit(admission).await?;
         }
         if decision.verdict == Verdict::CreditsNotLoaded {
             return Err(UsageError::Redis(redis::RedisError::from((
@@ -128,6 +161,15 @@ impl UsageApi {
             self.dirty.mark(admission.customer);
         }
         Ok(decision)
+    }
+}
+
+impl UsageApi {
+    async fn timed_admit(&self, admission: &Admission) -> redis::RedisResult<Decision> {
+        let started = std::time::Instant::now();
+        let decided = self.counters.admit(admission).await;
+        metrics::histogram!("paygate_usage_script_duration_seconds").record(started.elapsed());
+        decided
     }
 }
 
@@ -303,11 +345,16 @@ impl pb::usage_server::Usage for UsageApi {
             })
             .collect::<Result<Vec<_>, _>>()?;
 
-        let mut results = self
-            .counters
-            .admit_many(&admissions)
-            .await
-            .map_err(UsageError::from)?;
+        let started = std::time::Instant::now();
+        let decided = self.counters.admit_many(&admissions).await;
+        metrics::histogram!("paygate_usage_script_duration_seconds").record(started.elapsed());
+        let mut results = match decided {
+            Ok(results) => results,
+            Err(error) => {
+                admissions.iter().for_each(|_| count_admission(Err(())));
+                return Err(UsageError::from(error).into());
+            }
+        };
         let unloaded: BTreeSet<Uuid> = results
             .iter()
             .zip(&admissions)
@@ -329,7 +376,7 @@ impl pb::usage_server::Usage for UsageApi {
             for (result, admission) in results.iter_mut().zip(&admissions) {
                 if matches!(result, Ok(decision) if decision.verdict == Verdict::CreditsNotLoaded) {
                     *result = if loaded.contains(&admission.customer) {
-                        self.counters.admit(admission).await
+                        self.timed_admit(admission).await
                     } else {
                         Err(redis::RedisError::from((
                             redis::ErrorKind::Io,
@@ -342,6 +389,12 @@ impl pb::usage_server::Usage for UsageApi {
 
         let mut decisions = Vec::with_capacity(results.len());
         for (result, admission) in results.into_iter().zip(&admissions) {
+            count_admission(
+                result
+                    .as_ref()
+                    .map(|decision| decision.verdict)
+                    .map_err(|_| ()),
+            );
             decisions.push(match result {
                 Ok(decision) if decision.verdict != Verdict::CreditsNotLoaded => {
                     if decision.verdict == Verdict::Admitted && !decision.replayed {

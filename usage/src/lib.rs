@@ -108,6 +108,18 @@ pub async fn serve(
     settings: Settings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    // Every series exists from the start, so Prometheus' rate() sees the first event as an increase.
+    for outcome in [
+        "admitted",
+        "rate_limited",
+        "quota_exhausted",
+        "credits_exhausted",
+        "error",
+    ] {
+        metrics::counter!("paygate_usage_admissions_total", "outcome" => outcome).increment(0);
+    }
+    metrics::gauge!("paygate_usage_outbox_customers").set(0.0);
+    metrics::gauge!("paygate_usage_report_lag_seconds").set(0.0);
     let dirty = grpc::DirtyCustomers::default();
     let stop = CancellationToken::new();
     let reporter = reports::Reporter::new(counters.clone(), billing.clone(), dirty.clone());

@@ -15,11 +15,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = usage::Config::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    telemetry::init_logs();
     match run(config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -38,6 +34,14 @@ async fn run(config: usage::Config) -> anyhow::Result<()> {
         .context("failed to load the admission script into redis")?;
     usage::check_durability(&counters, config.allow_volatile_redis).await?;
     let billing = usage::billing_client(&config.billing_url, &secrets.service_token)?;
+    let metrics = TcpListener::bind(config.metrics_addr)
+        .await
+        .with_context(|| format!("failed to listen on {} for metrics", config.metrics_addr))?;
+    tokio::spawn(telemetry::serve_metrics(
+        metrics,
+        telemetry::metrics(),
+        std::future::pending(),
+    ));
     let listener = TcpListener::bind(config.listen_addr)
         .await
         .with_context(|| format!("failed to listen on {}", config.listen_addr))?;

@@ -45,14 +45,20 @@ impl Reporter {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+        let mut last_reported = std::time::Instant::now();
         loop {
             tokio::select! {
                 () = stop.cancelled() => break,
                 _ = sweep.tick() => self.sweep().await,
                 _ = tick.tick() => {
-                    if let Err(error) = self.report_pending().await {
-                        tracing::warn!(%error, "usage report failed; will retry");
+                    match self.report_pending().await {
+                        Ok(_) => last_reported = std::time::Instant::now(),
+                        Err(error) => tracing::warn!(%error, "usage report failed; will retry"),
                     }
+                    // How long spending may have waited for billing: 0 right after a report went through,
+                    // growing while reports fail.
+                    metrics::gauge!("paygate_usage_report_lag_seconds")
+                        .set(last_reported.elapsed().as_secs_f64());
                 }
             }
         }
