@@ -9,7 +9,8 @@ use anyhow::{Context, bail};
 #[derive(Clone, clap::Parser)] // no Debug: the database URL and tokens are secrets
 #[command(
     name = "billing",
-    about = "paygate billing: customers, plans, subscriptions, payments, credits, keys"
+    about = "paygate billing: customers, plans, subscriptions, payments, credits, keys",
+    after_help = "Logging: RUST_LOG sets the log filter (default `info`).\nTracing: OTEL_EXPORTER_OTLP_ENDPOINT turns on OTLP trace export (gRPC), off when unset."
 )]
 pub struct Config {
     /// Address the gRPC server listens on.

@@ -93,6 +93,7 @@ pub async fn serve(
         stop.cancel();
     };
     Server::builder()
+        .layer(telemetry::traces::GrpcTraceLayer::new("billing"))
         .layer(rpc_counter::CountRpcs)
         .add_service(health_service)
         .add_service(reflection)

@@ -62,6 +62,8 @@ const BATCHES_IN_FLIGHT: usize = 4;
 struct PendingAdmission {
     request: usage_pb::AdmitRequest,
     answer: oneshot::Sender<Result<usage_pb::AdmitResponse, BackendError>>,
+    /// The trace of the request asking; a batch travels in its first request's trace.
+    trace: opentelemetry::Context,
 }
 
 /// billing and usage, as the decision path calls them.
@@ -128,6 +130,10 @@ impl Backends {
             key_digest: digest.to_vec(),
         });
         request.set_timeout(self.deadline);
+        telemetry::traces::inject_into_metadata(
+            &telemetry::traces::current(),
+            request.metadata_mut(),
+        );
         let outcome =
             tokio::time::timeout(self.deadline, self.billing.clone().resolve(request)).await;
         match outcome {
@@ -164,6 +170,7 @@ impl Backends {
         let pending = PendingAdmission {
             request: admission,
             answer,
+            trace: telemetry::traces::current(),
         };
         if self.admissions.send(pending).is_err() {
             return Err(BackendError::Failed(tonic::Status::unavailable(
@@ -280,6 +287,10 @@ async fn admit_batch(
     deadline: Duration,
     batch: Vec<PendingAdmission>,
 ) {
+    let trace = batch
+        .first()
+        .map(|pending| pending.trace.clone())
+        .unwrap_or_default();
     let (requests, answers): (Vec<_>, Vec<_>) = batch
         .into_iter()
         .map(|pending| (pending.request, pending.answer))
@@ -292,6 +303,7 @@ async fn admit_batch(
         requests: requests.clone(),
     });
     call.set_timeout(deadline);
+    telemetry::traces::inject_into_metadata(&trace, call.metadata_mut());
     let outcome = tokio::time::timeout(deadline, usage.clone().admit_batch(call)).await;
     let results: Vec<Result<usage_pb::AdmitResponse, BackendError>> = match outcome {
         Ok(Ok(answer)) => {

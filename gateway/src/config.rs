@@ -10,7 +10,7 @@ use anyhow::{Context, bail};
 #[command(
     name = "gateway",
     about = "paygate gateway: forwards paid requests, answers 401/402/403/429/503 otherwise",
-    after_help = "Logging: RUST_LOG sets the log filter (default `info`)."
+    after_help = "Logging: RUST_LOG sets the log filter (default `info`).\nTracing: OTEL_EXPORTER_OTLP_ENDPOINT turns on OTLP trace export (gRPC), off when unset."
 )]
 pub struct Config {
     /// Address the HTTP server listens on.

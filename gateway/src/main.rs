@@ -14,8 +14,16 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = gateway::Config::parse();
-    telemetry::init_logs();
-    match run(config).await {
+    let telemetry = match telemetry::init("gateway") {
+        Ok(telemetry) => telemetry,
+        Err(error) => {
+            eprintln!("gateway: {error:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = run(config).await;
+    telemetry.shutdown().await; // flush spans last
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             // One line, so the cause is readable in any log collector.

@@ -14,6 +14,7 @@ use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use sha2::{Digest, Sha256};
+use tracing::Instrument;
 use uuid::Uuid;
 
 use proto::{
@@ -150,14 +151,28 @@ impl Gateway {
             .routes
             .find(request.uri().path())
             .map(|route| route.prefix.clone());
+        // Never the key or any header: the customer, route, decision and units are recorded as known.
+        let span = tracing::info_span!(
+            "request",
+            route = route.as_deref().unwrap_or("none"),
+            customer_id = tracing::field::Empty,
+            code = tracing::field::Empty,
+            units = tracing::field::Empty,
+        );
+        telemetry::traces::set_parent(
+            &span,
+            telemetry::traces::extract_from_headers(request.headers()),
+        );
         let mut response = self
             .decide_and_forward(request, peer, &request_id, started)
+            .instrument(span.clone())
             .await;
         if let Ok(id) = HeaderValue::from_str(&request_id) {
             response.headers_mut().insert(headers::REQUEST_ID, id);
         }
         // Health checks and the problem pages are not decisions and are not counted.
         if let Some(Outcome(code)) = response.extensions_mut().remove::<Outcome>() {
+            span.record("code", code);
             let elapsed = started.elapsed();
             let route = route.unwrap_or_else(|| "none".to_owned());
             metrics::counter!(
@@ -270,6 +285,7 @@ impl Gateway {
             return refusal;
         }
 
+        tracing::Span::current().record("customer_id", entitlement.customer_id.as_str());
         let limits = entitlement.limits.unwrap_or_default();
         // The admission id is ours, never the client's `X-Request-Id`: usage replays an admission with a
         // known id without charging, so a client-chosen id reused on purpose would buy many upstream calls
@@ -300,7 +316,9 @@ impl Gateway {
             .map(|(start, end)| end.seconds - start.seconds);
         let rate_limit = rate_limit_headers(&limits, &decision, period_seconds);
         match decision.decision() {
-            Decision::Admitted => {}
+            Decision::Admitted => {
+                tracing::Span::current().record("units", route.price);
+            }
             Decision::RateLimited => {
                 let seconds = decision.retry_after_ms.div_ceil(1000).max(1);
                 let mut problem = self.problem(Code::RateLimited).with_detail(format!(
@@ -580,6 +598,7 @@ impl Gateway {
         if let Ok(id) = HeaderValue::from_str(request_id) {
             parts.headers.insert(headers::REQUEST_ID, id);
         }
+        telemetry::traces::inject_into_headers(&telemetry::traces::current(), &mut parts.headers);
         let limit = usize::try_from(self.file.limits.max_body_bytes).unwrap_or(usize::MAX);
         let body = http_body_util::Limited::new(body, limit).boxed();
         let outgoing = Request::from_parts(parts, body);

@@ -1,6 +1,7 @@
-//! What every paygate service reports the same way: logs (the `tracing` subscriber) and Prometheus metrics
-//! (the process-wide `metrics` recorder and its `/metrics` endpoint). It is the one crate besides `proto`
-//! that the services share, so that their log format and metric conventions cannot drift apart.
+//! What every paygate service reports the same way: logs (the `tracing` subscriber), traces (OTLP export
+//! and W3C trace context, in `traces`) and Prometheus metrics (the process-wide `metrics` recorder and its
+//! `/metrics` endpoint). It is the one crate besides `proto` that the services share, so that their log
+//! format, trace propagation and metric conventions cannot drift apart.
 //!
 //! Metric names are `paygate_<service>_<what>`; histograms are in seconds with the buckets below. No metric
 //! has a per-customer label: per-customer figures come from billing's admin API.
@@ -25,13 +26,47 @@ const BUCKETS: &[f64] = &[
 /// How often histogram samples are folded in when nobody scrapes.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
-/// Installs the log subscriber: `RUST_LOG` (default `info`), human-readable lines on stdout.
-pub fn init_logs() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+pub mod traces;
+
+/// Installs the subscriber of a service binary: logs filtered by `RUST_LOG` (default `info`) as lines on
+/// stdout, and, when `OTEL_EXPORTER_OTLP_ENDPOINT` is set, every span at `info` or above exported over OTLP
+/// as `service` (whatever `RUST_LOG` says, so quiet logs keep full traces). Keep the guard and call
+/// `shutdown` last, so the spans still buffered are sent.
+pub fn init(service: &'static str) -> anyhow::Result<TelemetryGuard> {
+    use tracing_subscriber::{Layer, layer::SubscriberExt, util::SubscriberInitExt};
+
+    let provider = traces::otlp_provider(service)?;
+    let logs = tracing_subscriber::fmt::layer().with_filter(
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+    );
+    let spans = provider.as_ref().map(|provider| {
+        traces::layer(provider, service).with_filter(tracing_subscriber::filter::LevelFilter::INFO)
+    });
+    tracing_subscriber::registry()
+        .with(logs)
+        .with(spans)
+        .try_init()
+        .map_err(|error| anyhow::anyhow!("failed to install the log subscriber: {error}"))?;
+    Ok(TelemetryGuard { provider })
+}
+
+/// Keeps the trace exporter of `init`; `shutdown` flushes it.
+#[must_use = "call `shutdown` before exiting, or buffered spans are lost"]
+pub struct TelemetryGuard {
+    provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+impl TelemetryGuard {
+    /// Sends the spans still buffered and stops the exporter (on the blocking pool: the SDK's shutdown
+    /// blocks).
+    pub async fn shutdown(self) {
+        if let Some(provider) = self.provider {
+            let flushed = tokio::task::spawn_blocking(move || provider.shutdown()).await;
+            if let Ok(Err(error)) = flushed {
+                tracing::warn!(%error, "trace export did not shut down cleanly");
+            }
+        }
+    }
 }
 
 /// Returns the process-wide Prometheus recorder's handle, installing the recorder on first use. The

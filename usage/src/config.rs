@@ -10,7 +10,7 @@ use anyhow::{Context, bail};
 #[command(
     name = "usage",
     about = "paygate usage: exact admission (rate, quota, credits) in Redis",
-    after_help = "Logging: RUST_LOG sets the log filter (default `info`)."
+    after_help = "Logging: RUST_LOG sets the log filter (default `info`).\nTracing: OTEL_EXPORTER_OTLP_ENDPOINT turns on OTLP trace export (gRPC), off when unset."
 )]
 pub struct Config {
     /// Address the gRPC server listens on.

@@ -120,6 +120,10 @@ impl UsageApi {
             customer_id: customer.to_string(),
         });
         request.set_timeout(BILLING_DEADLINE);
+        telemetry::traces::inject_into_metadata(
+            &telemetry::traces::current(),
+            request.metadata_mut(),
+        );
         let balance = self
             .billing
             .clone()

@@ -142,6 +142,7 @@ pub async fn serve(
     let reflection = reflection_builder().build_v1()?;
     let reflection_alpha = reflection_builder().build_v1alpha()?; // older grpcurl and tools speak only v1alpha
     let served = Server::builder()
+        .layer(telemetry::traces::GrpcTraceLayer::new("usage"))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)

@@ -15,8 +15,16 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = usage::Config::parse();
-    telemetry::init_logs();
-    match run(config).await {
+    let telemetry = match telemetry::init("usage") {
+        Ok(telemetry) => telemetry,
+        Err(error) => {
+            eprintln!("usage: {error:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = run(config).await;
+    telemetry.shutdown().await; // flush spans last
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             // One line, so the cause is readable in any log collector.
