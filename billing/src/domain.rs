@@ -532,8 +532,64 @@ pub fn digest_key(secret: &str) -> [u8; 32] {
     Sha256::digest(secret.as_bytes()).into()
 }
 
+/// Problem codes (DESIGN §3) counted per customer and hour, in their stored order: a code is only ever
+/// appended, so the positions of `customer_hourly_stats.answered` keep their meaning. 401s are absent: no
+/// valid key, no customer to count them for.
+pub const ANSWER_CODES: [&str; 12] = [
+    "subscription_required",
+    "subscription_inactive",
+    "payment_past_due",
+    "quota_exhausted",
+    "credits_exhausted",
+    "plan_excludes_route",
+    "rate_limited",
+    "billing_unavailable",
+    "upstream_unavailable",
+    "upstream_timeout",
+    "payload_too_large",
+    "bad_request",
+];
+
+/// Upper bounds (ms) of the upstream latency buckets counted per customer and hour; one more bucket, +Inf,
+/// follows. Gateways send counts in this order.
+pub const UPSTREAM_LATENCY_BUCKETS_MS: [f64; 13] = [
+    1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1_000.0, 2_500.0, 5_000.0, 10_000.0,
+];
+
+/// Returns the upper bound (ms) of the bucket holding the `quantile` of `buckets` (counts per bucket of
+/// `UPSTREAM_LATENCY_BUCKETS_MS`, then +Inf, reported as the last finite bound); 0 with no counts.
+pub fn latency_quantile_ms(buckets: &[i64], quantile: f64) -> f64 {
+    let total: i64 = buckets.iter().sum();
+    if total <= 0 {
+        return 0.0;
+    }
+    let rank = (quantile * total as f64).ceil().max(1.0) as i64;
+    let mut seen = 0;
+    for (index, count) in buckets.iter().enumerate() {
+        seen += count;
+        if seen >= rank {
+            return UPSTREAM_LATENCY_BUCKETS_MS
+                .get(index)
+                .copied()
+                .unwrap_or(UPSTREAM_LATENCY_BUCKETS_MS[UPSTREAM_LATENCY_BUCKETS_MS.len() - 1]);
+        }
+    }
+    UPSTREAM_LATENCY_BUCKETS_MS[UPSTREAM_LATENCY_BUCKETS_MS.len() - 1]
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_latency_quantile_is_the_upper_bound_of_its_bucket() {
+        let mut buckets = vec![0_i64; UPSTREAM_LATENCY_BUCKETS_MS.len() + 1];
+        buckets[2] = 94; // ≤ 5 ms
+        buckets[5] = 6; // ≤ 50 ms
+
+        assert_eq!(latency_quantile_ms(&buckets, 0.95), 50.0);
+        assert_eq!(latency_quantile_ms(&buckets, 0.94), 5.0);
+        assert_eq!(latency_quantile_ms(&[], 0.95), 0.0);
+    }
+
     use time::macros::datetime;
 
     use super::*;

@@ -1459,6 +1459,39 @@ impl pb::billing_admin_server::BillingAdmin for AdminApi {
         }))
     }
 
+    #[tracing::instrument(skip_all, fields(customer_id = %request.get_ref().customer_id))]
+    async fn get_customer_stats(
+        &self,
+        request: Request<pb::GetCustomerStatsRequest>,
+    ) -> Result<Response<pb::GetCustomerStatsResponse>, Status> {
+        let asked = request.into_inner();
+        let id = CustomerId::parse(&asked.customer_id)?;
+        let to = match &asked.to {
+            Some(to) => parse_timestamp("to", Some(to))?,
+            None => self.state.clock.now(),
+        };
+        let from = match &asked.from {
+            Some(from) => parse_timestamp("from", Some(from))?,
+            None => to - time::Duration::hours(24),
+        };
+        if from >= to || to - from > time::Duration::days(31) {
+            return Err(BillingError::InvalidArgument(
+                "`from` must be before `to`, at most 31 days apart".to_owned(),
+            )
+            .into());
+        }
+        store::get_customer(&self.state.db, id)
+            .await
+            .map_err(BillingError::from)?
+            .ok_or(BillingError::NotFound("customer"))?;
+        let rows = store::list_hour_stats(&self.state.db, id, from, to)
+            .await
+            .map_err(BillingError::from)?;
+        Ok(Response::new(pb::GetCustomerStatsResponse {
+            hours: rows.into_iter().map(hour_stats_to_proto).collect(),
+        }))
+    }
+
     #[tracing::instrument(skip_all)]
     async fn list_audit_events(
         &self,
@@ -1806,6 +1839,48 @@ impl pb::entitlements_server::Entitlements for EntitlementsApi {
         let id = CustomerId::parse(&request.get_ref().customer_id)?;
         Ok(Response::new(read_balance(&self.state.db, id).await?))
     }
+
+    #[tracing::instrument(skip_all, fields(report_id = %request.get_ref().report_id, rows = request.get_ref().rows.len()))]
+    async fn report_stats(
+        &self,
+        request: Request<pb::ReportStatsRequest>,
+    ) -> Result<Response<pb::ReportStatsResponse>, Status> {
+        let report = request.into_inner();
+        domain::check_length("report_id", &report.report_id, 1, 128)?;
+        if report.rows.len() > MAX_REPORT_ENTRIES {
+            return Err(BillingError::InvalidArgument(format!(
+                "a report carries at most {MAX_REPORT_ENTRIES} rows"
+            ))
+            .into());
+        }
+        let rows = report
+            .rows
+            .iter()
+            .map(hour_stats_from_proto)
+            .collect::<Result<Vec<_>>>()?;
+        let mut tx = self.state.db.begin().await.map_err(BillingError::from)?;
+        if !store::claim_stats_report(&mut *tx, &report.report_id)
+            .await
+            .map_err(BillingError::from)?
+        {
+            return Ok(Response::new(pb::ReportStatsResponse {}));
+        }
+        for row in &rows {
+            if let Err(error) = store::add_hour_stats(&mut *tx, row).await {
+                let unknown_customer = error
+                    .as_database_error()
+                    .is_some_and(|database| database.is_foreign_key_violation());
+                return Err(if unknown_customer {
+                    BillingError::NotFound("customer")
+                } else {
+                    BillingError::from(error)
+                }
+                .into());
+            }
+        }
+        tx.commit().await.map_err(BillingError::from)?;
+        Ok(Response::new(pb::ReportStatsResponse {}))
+    }
 }
 
 /// One open change stream, counted in `paygate_billing_change_stream_subscribers` while it lives.
@@ -1821,5 +1896,89 @@ impl Subscriber {
 impl Drop for Subscriber {
     fn drop(&mut self) {
         metrics::gauge!("paygate_billing_change_stream_subscribers").decrement(1.0);
+    }
+}
+
+fn hour_stats_from_proto(row: &pb::CustomerHourStats) -> Result<store::HourStatsRow> {
+    let customer = CustomerId::parse(&row.customer_id)?;
+    let hour = parse_timestamp("hour", row.hour.as_ref())?;
+    if hour.unix_timestamp() % 3600 != 0 || hour.nanosecond() != 0 {
+        return Err(BillingError::InvalidArgument(
+            "`hour` must be the start of a UTC hour".to_owned(),
+        ));
+    }
+    let counts = [
+        row.admitted,
+        row.upstream_2xx,
+        row.upstream_4xx,
+        row.upstream_5xx,
+        row.upstream_other,
+        row.upstream_latency_sum_us,
+    ];
+    if counts
+        .iter()
+        .chain(row.answered.values())
+        .chain(&row.upstream_latency_buckets)
+        .any(|count| *count < 0)
+    {
+        return Err(BillingError::InvalidArgument(
+            "counts must not be negative".to_owned(),
+        ));
+    }
+    if row.upstream_latency_buckets.len() > domain::UPSTREAM_LATENCY_BUCKETS_MS.len() + 1 {
+        return Err(BillingError::InvalidArgument(format!(
+            "at most {} latency buckets",
+            domain::UPSTREAM_LATENCY_BUCKETS_MS.len() + 1
+        )));
+    }
+    let mut answered = vec![0_i64; domain::ANSWER_CODES.len()];
+    for (code, count) in &row.answered {
+        let position = domain::ANSWER_CODES
+            .iter()
+            .position(|known| known == code)
+            .ok_or_else(|| {
+                BillingError::InvalidArgument(format!("unknown answer code `{code}`"))
+            })?;
+        answered[position] += count;
+    }
+    Ok(store::HourStatsRow {
+        customer_id: customer.as_uuid(),
+        hour,
+        admitted: row.admitted,
+        upstream_2xx: row.upstream_2xx,
+        upstream_4xx: row.upstream_4xx,
+        upstream_5xx: row.upstream_5xx,
+        upstream_other: row.upstream_other,
+        answered,
+        units: row.units,
+        credits_micros: row.credits_micros,
+        upstream_latency_sum_us: row.upstream_latency_sum_us,
+        upstream_latency_buckets: row.upstream_latency_buckets.clone(),
+    })
+}
+
+fn hour_stats_to_proto(row: store::HourStatsRow) -> pb::HourStats {
+    let upstream_answers: i64 = row.upstream_latency_buckets.iter().sum();
+    pb::HourStats {
+        hour: Some(timestamp(row.hour)),
+        admitted: row.admitted,
+        upstream_2xx: row.upstream_2xx,
+        upstream_4xx: row.upstream_4xx,
+        upstream_5xx: row.upstream_5xx,
+        upstream_other: row.upstream_other,
+        answered: domain::ANSWER_CODES
+            .iter()
+            .zip(&row.answered)
+            .filter(|(_, count)| **count > 0)
+            .map(|(code, count)| ((*code).to_owned(), *count))
+            .collect(),
+        units: row.units,
+        credits_micros: row.credits_micros,
+        upstream_latency_mean_ms: if upstream_answers > 0 {
+            row.upstream_latency_sum_us as f64 / upstream_answers as f64 / 1_000.0
+        } else {
+            0.0
+        },
+        upstream_latency_p95_ms: domain::latency_quantile_ms(&row.upstream_latency_buckets, 0.95),
     }
 }

@@ -988,3 +988,102 @@ pub async fn prune_changes(db: impl PgExecutor<'_>, before: OffsetDateTime) -> s
     .await?;
     Ok(deleted.rows_affected())
 }
+
+/// One customer's statistics for one UTC hour (see the `customer_hourly_stats` migration).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HourStatsRow {
+    pub customer_id: Uuid,
+    pub hour: OffsetDateTime,
+    pub admitted: i64,
+    pub upstream_2xx: i64,
+    pub upstream_4xx: i64,
+    pub upstream_5xx: i64,
+    pub upstream_other: i64,
+    pub answered: Vec<i64>,
+    pub units: i64,
+    pub credits_micros: i64,
+    pub upstream_latency_sum_us: i64,
+    pub upstream_latency_buckets: Vec<i64>,
+}
+
+/// Notes that the statistics report `report_id` is being applied; `false` if it was applied before (then
+/// nothing else of it may be applied).
+pub async fn claim_stats_report(db: impl PgExecutor<'_>, report_id: &str) -> sqlx::Result<bool> {
+    let claimed = sqlx::query!(
+        r#"INSERT INTO stats_reports (report_id) VALUES ($1) ON CONFLICT (report_id) DO NOTHING"#,
+        report_id,
+    )
+    .execute(db)
+    .await?;
+    Ok(claimed.rows_affected() == 1)
+}
+
+/// Adds `row` to its customer's hour, creating the hour when it is the first report of it. Arrays are
+/// added position by position; a shorter one counts as zeros where it ends.
+pub async fn add_hour_stats(db: impl PgExecutor<'_>, row: &HourStatsRow) -> sqlx::Result<()> {
+    sqlx::query!(
+        r#"INSERT INTO customer_hourly_stats (customer_id, hour, admitted, upstream_2xx, upstream_4xx,
+               upstream_5xx, upstream_other, answered, units, credits_micros, upstream_latency_sum_us,
+               upstream_latency_buckets)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+           ON CONFLICT (customer_id, hour) DO UPDATE SET
+               admitted = customer_hourly_stats.admitted + EXCLUDED.admitted,
+               upstream_2xx = customer_hourly_stats.upstream_2xx + EXCLUDED.upstream_2xx,
+               upstream_4xx = customer_hourly_stats.upstream_4xx + EXCLUDED.upstream_4xx,
+               upstream_5xx = customer_hourly_stats.upstream_5xx + EXCLUDED.upstream_5xx,
+               upstream_other = customer_hourly_stats.upstream_other + EXCLUDED.upstream_other,
+               answered = ARRAY(
+                   SELECT COALESCE(stored, 0) + COALESCE(added, 0)
+                   FROM unnest(customer_hourly_stats.answered, EXCLUDED.answered)
+                        WITH ORDINALITY AS counts (stored, added, position)
+                   ORDER BY position),
+               units = customer_hourly_stats.units + EXCLUDED.units,
+               credits_micros = customer_hourly_stats.credits_micros + EXCLUDED.credits_micros,
+               upstream_latency_sum_us =
+                   customer_hourly_stats.upstream_latency_sum_us + EXCLUDED.upstream_latency_sum_us,
+               upstream_latency_buckets = ARRAY(
+                   SELECT COALESCE(stored, 0) + COALESCE(added, 0)
+                   FROM unnest(customer_hourly_stats.upstream_latency_buckets,
+                               EXCLUDED.upstream_latency_buckets)
+                        WITH ORDINALITY AS counts (stored, added, position)
+                   ORDER BY position),
+               updated_at = now()"#,
+        row.customer_id,
+        row.hour,
+        row.admitted,
+        row.upstream_2xx,
+        row.upstream_4xx,
+        row.upstream_5xx,
+        row.upstream_other,
+        &row.answered,
+        row.units,
+        row.credits_micros,
+        row.upstream_latency_sum_us,
+        &row.upstream_latency_buckets,
+    )
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// Returns `customer`'s hours in [`from`, `to`), oldest first.
+pub async fn list_hour_stats(
+    db: impl PgExecutor<'_>,
+    customer: CustomerId,
+    from: OffsetDateTime,
+    to: OffsetDateTime,
+) -> sqlx::Result<Vec<HourStatsRow>> {
+    sqlx::query_as!(
+        HourStatsRow,
+        r#"SELECT customer_id, hour, admitted, upstream_2xx, upstream_4xx, upstream_5xx, upstream_other,
+                  answered, units, credits_micros, upstream_latency_sum_us, upstream_latency_buckets
+           FROM customer_hourly_stats
+           WHERE customer_id = $1 AND hour >= $2 AND hour < $3
+           ORDER BY hour"#,
+        customer.as_uuid(),
+        from,
+        to,
+    )
+    .fetch_all(db)
+    .await
+}

@@ -37,6 +37,9 @@ pub struct Config {
     /// Deadline of each call to billing or usage on the request path, in milliseconds.
     #[arg(long, env = "GATEWAY_BACKEND_DEADLINE_MS", default_value_t = 250)]
     pub backend_deadline_ms: u64,
+    /// How often per-customer statistics are reported to billing, in milliseconds.
+    #[arg(long, env = "GATEWAY_STATS_INTERVAL_MS", default_value_t = 10_000)]
+    pub stats_interval_ms: u64,
 }
 
 impl Config {
@@ -61,6 +64,11 @@ impl Config {
             bail!("PAYGATE_SERVICE_TOKEN is empty");
         }
         Ok(token)
+    }
+
+    /// Returns how often customer statistics are reported.
+    pub fn stats_interval(&self) -> Duration {
+        Duration::from_millis(self.stats_interval_ms.max(100))
     }
 
     /// Returns the backend deadline.

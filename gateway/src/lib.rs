@@ -11,6 +11,7 @@
 //! - `entitlements`: the entitlement cache and billing's change stream
 //! - `framing`: the connection guard that finds requests framed two ways
 //! - `proxy`: the decision per request and the forwarding
+//! - `stats`: runtime statistics per customer and hour, reported to billing
 
 pub mod backends;
 pub mod config;
@@ -20,6 +21,7 @@ pub mod headers;
 pub mod problem;
 pub mod proxy;
 pub mod routes;
+pub mod stats;
 
 use std::{future::Future, sync::Arc, time::Duration};
 
@@ -37,11 +39,13 @@ pub use proxy::Gateway;
 /// How long in-flight requests may take to finish once shutdown starts.
 const DRAIN_LIMIT: Duration = Duration::from_secs(30);
 
-/// Builds the gateway from a parsed routes file and the backends it calls.
+/// Builds the gateway from a parsed routes file and the backends it calls; customer statistics go to
+/// billing every `stats_interval`.
 pub fn gateway(
     file: routes::RoutesFile,
     table: routes::RouteTable,
     backends: backends::Backends,
+    stats_interval: Duration,
 ) -> Arc<Gateway> {
     // Every series exists from the start, so Prometheus' rate() sees the first event as an increase.
     for route in table.prefixes() {
@@ -66,6 +70,8 @@ pub fn gateway(
         backends,
         upstream: proxy::upstream_client(),
         degraded_passes: std::sync::Mutex::new(std::collections::HashMap::new()),
+        stats: stats::CustomerStats::default(),
+        stats_interval,
     })
 }
 
@@ -78,6 +84,22 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     let follower = tokio::spawn(gateway.cache.clone().follow_changes(stop.clone()));
+    let reporting = {
+        let gateway = gateway.clone();
+        let stop_reporting = CancellationToken::new();
+        let stopper = stop_reporting.clone();
+        let task = tokio::spawn(async move {
+            gateway
+                .stats
+                .report(
+                    gateway.backends.billing(),
+                    gateway.stats_interval,
+                    stop_reporting,
+                )
+                .await;
+        });
+        (task, stopper)
+    };
     let limits = gateway.file.limits;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -125,5 +147,8 @@ pub async fn serve(
     }
     stop.cancel();
     let _ = follower.await;
+    // After the drain, so the requests that finished during it are in the last report.
+    reporting.1.cancel();
+    let _ = reporting.0.await;
     Ok(())
 }

@@ -65,7 +65,7 @@ async fn run(config: gateway::Config) -> anyhow::Result<()> {
     tracing::info!(addr = %config.listen_addr, routes = table.routes().len(), "gateway listening");
     gateway::serve(
         listener,
-        gateway::gateway(file, table, backends),
+        gateway::gateway(file, table, backends, config.stats_interval()),
         shutdown_signal(),
     )
     .await

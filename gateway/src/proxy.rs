@@ -28,6 +28,7 @@ use crate::{
     headers::{self, Forwarding, KeySource},
     problem::{Actions, Code, Money, Problem},
     routes::{FailureMode, Route, RouteTable, RoutesFile},
+    stats::{CustomerStats, RequestRecord},
 };
 
 /// Errors of bodies in flight; both directions stream.
@@ -49,6 +50,10 @@ pub struct Gateway {
     pub upstream: Client<HttpConnector, Body>,
     /// Units passed per (key digest, route prefix) while degraded, for `failure_mode = "open"` budgets.
     pub degraded_passes: Mutex<HashMap<([u8; 32], String), u32>>,
+    /// Per-customer counts not yet reported to billing.
+    pub stats: CustomerStats,
+    /// How often they are reported.
+    pub stats_interval: std::time::Duration,
 }
 
 /// Returns a client for upstreams: pooled keep-alive connections, no body buffering.
@@ -163,8 +168,9 @@ impl Gateway {
             &span,
             telemetry::traces::extract_from_headers(request.headers()),
         );
+        let mut record = RequestRecord::default();
         let mut response = self
-            .decide_and_forward(request, peer, &request_id, started)
+            .decide_and_forward(request, peer, &request_id, started, &mut record)
             .instrument(span.clone())
             .await;
         if let Ok(id) = HeaderValue::from_str(&request_id) {
@@ -173,6 +179,9 @@ impl Gateway {
         // Health checks and the problem pages are not decisions and are not counted.
         if let Some(Outcome(code)) = response.extensions_mut().remove::<Outcome>() {
             span.record("code", code);
+            if let Some(customer_id) = record.customer_id.take() {
+                self.stats.record(customer_id, code, &record);
+            }
             let elapsed = started.elapsed();
             let route = route.unwrap_or_else(|| "none".to_owned());
             metrics::counter!(
@@ -197,6 +206,7 @@ impl Gateway {
         peer: SocketAddr,
         request_id: &str,
         started: Instant,
+        record: &mut RequestRecord,
     ) -> Response<Body> {
         let path = request.uri().path();
         if path == HEALTH_PATH {
@@ -286,6 +296,7 @@ impl Gateway {
         }
 
         tracing::Span::current().record("customer_id", entitlement.customer_id.as_str());
+        record.customer_id = Some(entitlement.customer_id.clone());
         let limits = entitlement.limits.unwrap_or_default();
         // The admission id is ours, never the client's `X-Request-Id`: usage replays an admission with a
         // known id without charging, so a client-chosen id reused on purpose would buy many upstream calls
@@ -318,6 +329,9 @@ impl Gateway {
         match decision.decision() {
             Decision::Admitted => {
                 tracing::Span::current().record("units", route.price);
+                record.admitted = true;
+                record.units = route.price;
+                record.credits_micros = decision.credits_taken_micros;
             }
             Decision::RateLimited => {
                 let seconds = decision.retry_after_ms.div_ceil(1000).max(1);
@@ -366,13 +380,19 @@ impl Gateway {
         metrics::histogram!("paygate_gateway_decision_duration_seconds").record(started.elapsed());
         let asked_upstream = Instant::now();
         let response = self.forward(request, &route, &forwarding, request_id).await;
+        let upstream_took = asked_upstream.elapsed();
         metrics::histogram!("paygate_gateway_upstream_duration_seconds", "route" => route.prefix.clone())
-            .record(asked_upstream.elapsed());
+            .record(upstream_took);
         let refund = match &response {
-            Forwarded::Answer(answer) => answer.status().is_server_error(),
+            Forwarded::Answer(answer) => {
+                record.upstream = Some((answer.status().as_u16(), upstream_took));
+                answer.status().is_server_error()
+            }
             Forwarded::Unreachable | Forwarded::TimedOut | Forwarded::TooLarge => true,
         };
         if refund {
+            record.units = 0;
+            record.credits_micros = 0;
             self.backends
                 .refund(&entitlement.customer_id, &admission_id)
                 .await;

@@ -77,8 +77,20 @@ pub enum Command {
     Keys(KeyCommand),
     /// Usage billing has been told about, per period.
     Usage(CustomerArg),
+    /// Runtime statistics per hour: answers, upstream results, spending, upstream latency.
+    Stats(StatsArgs),
     /// The audit log, newest first.
     Audit(AuditArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StatsArgs {
+    /// Customer id.
+    #[arg(long)]
+    pub customer: String,
+    /// How many hours back from now (at most 744, 31 days).
+    #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u32).range(1..=744))]
+    pub hours: u32,
 }
 
 #[derive(Debug, Args)]
@@ -818,6 +830,31 @@ async fn execute(admin: &mut Admin, command: Command) -> Result<Render, Status> 
                     .await?
                     .into_inner()
                     .periods,
+            )
+        }
+        Command::Stats(StatsArgs { customer, hours }) => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|since| since.as_secs() as i64)
+                .unwrap_or(0);
+            let message = pb::GetCustomerStatsRequest {
+                customer_id: customer,
+                from: Some(prost_types::Timestamp {
+                    seconds: now - i64::from(hours) * 3600,
+                    nanos: 0,
+                }),
+                to: Some(prost_types::Timestamp {
+                    seconds: now + 1,
+                    nanos: 0,
+                }),
+            };
+            Render::Stats(
+                admin
+                    .client
+                    .get_customer_stats(admin.request(message))
+                    .await?
+                    .into_inner()
+                    .hours,
             )
         }
         Command::Audit(AuditArgs {

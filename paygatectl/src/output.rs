@@ -28,6 +28,7 @@ pub enum Render {
     IssuedKey(pb::IssuedApiKey),
     Keys(Vec<pb::ApiKey>),
     Usage(Vec<pb::PeriodUsage>),
+    Stats(Vec<pb::HourStats>),
     Audit(Vec<pb::AuditEvent>, String),
 }
 
@@ -224,6 +225,7 @@ impl Render {
                 .iter()
                 .map(|period| period.units.to_string())
                 .collect(),
+            Self::Stats(hours) => hours.iter().map(|hour| hour.admitted.to_string()).collect(),
             Self::Audit(events, _) => events.iter().map(|event| event.id.clone()).collect(),
         }
     }
@@ -261,6 +263,15 @@ impl Render {
             Self::Usage(periods) => json!({ "periods": periods.iter().map(|period| json!({
                 "subscription_id": period.subscription_id, "period_start": json_instant(&period.period_start),
                 "units": period.units, "credits_micros": period.credits_micros, "credits": amount(period.credits_micros),
+            })).collect::<Vec<_>>() }),
+            Self::Stats(hours) => json!({ "hours": hours.iter().map(|hour| json!({
+                "hour": json_instant(&hour.hour), "admitted": hour.admitted,
+                "upstream_2xx": hour.upstream_2xx, "upstream_4xx": hour.upstream_4xx,
+                "upstream_5xx": hour.upstream_5xx, "upstream_other": hour.upstream_other,
+                "answered": hour.answered.iter().collect::<std::collections::BTreeMap<_, _>>(),
+                "units": hour.units, "credits_micros": hour.credits_micros, "credits": amount(hour.credits_micros),
+                "upstream_latency_mean_ms": hour.upstream_latency_mean_ms,
+                "upstream_latency_p95_ms": hour.upstream_latency_p95_ms,
             })).collect::<Vec<_>>() }),
             Self::Audit(events, token) => json!({ "events": events.iter().map(|event| json!({
                 "id": event.id, "actor": event.actor, "action": event.action, "target_type": event.target_type,
@@ -447,6 +458,46 @@ impl Render {
                 table(
                     out,
                     &["PERIOD START", "SUBSCRIPTION", "UNITS", "CREDITS"],
+                    &rows,
+                )
+            }
+            Self::Stats(hours) => {
+                let rows: Vec<Vec<String>> = hours
+                    .iter()
+                    .map(|hour| {
+                        let answered: std::collections::BTreeMap<_, _> =
+                            hour.answered.iter().collect();
+                        vec![
+                            instant(&hour.hour),
+                            hour.admitted.to_string(),
+                            format!(
+                                "{}/{}/{}",
+                                hour.upstream_2xx, hour.upstream_4xx, hour.upstream_5xx
+                            ),
+                            answered
+                                .iter()
+                                .map(|(code, count)| format!("{code}={count}"))
+                                .collect::<Vec<_>>()
+                                .join(" "),
+                            hour.units.to_string(),
+                            amount(hour.credits_micros),
+                            format!("{:.1}", hour.upstream_latency_mean_ms),
+                            format!("{:.1}", hour.upstream_latency_p95_ms),
+                        ]
+                    })
+                    .collect();
+                table(
+                    out,
+                    &[
+                        "HOUR",
+                        "ADMITTED",
+                        "2XX/4XX/5XX",
+                        "ANSWERED",
+                        "UNITS",
+                        "CREDITS",
+                        "MEAN MS",
+                        "P95 MS",
+                    ],
                     &rows,
                 )
             }

@@ -60,8 +60,14 @@ pub fn inject_into_metadata(context: &Context, metadata: &mut tonic::metadata::M
     propagator().inject_context(context, &mut MetadataInjector(metadata));
 }
 
-/// Writes `context` into HTTP headers as a W3C `traceparent`, replacing any the caller sent.
+/// Writes `context` into HTTP headers as a W3C `traceparent`, replacing any the caller sent. Without a
+/// trace (tracing off) the headers are left as they are, so a caller's trace still reaches the upstream.
 pub fn inject_into_headers(context: &Context, headers: &mut http::HeaderMap) {
+    use opentelemetry::trace::TraceContextExt;
+
+    if !context.span().span_context().is_valid() {
+        return;
+    }
     headers.remove("traceparent");
     headers.remove("tracestate");
     propagator().inject_context(context, &mut HeaderInjector(headers));

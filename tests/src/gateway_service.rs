@@ -151,7 +151,8 @@ pub async fn spawn_gateway_at(
     let shutdown = async move {
         let _ = stopped.await;
     };
-    let serve = gateway::serve(listener, gateway::gateway(file, table, backends), shutdown);
+    let gateway = gateway::gateway(file, table, backends, TEST_STATS_INTERVAL);
+    let serve = gateway::serve(listener, gateway, shutdown);
     let task = tokio::spawn(async move { serve.await.map_err(|error| format!("{error:#}")) });
     GatewayInstance { addr, stop, task }
 }
@@ -193,6 +194,9 @@ impl Answer {
             .unwrap_or_else(|error| panic!("body is not JSON ({error}): {:?}", self.body))
     }
 }
+
+/// How often in-process gateways report customer statistics: often, so tests wait little.
+pub const TEST_STATS_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Sends `request` and collects the answer.
 pub async fn send(
