@@ -291,12 +291,12 @@ impl Gateway {
                     .await;
             }
         };
+        tracing::Span::current().record("customer_id", entitlement.customer_id.as_str());
+        record.customer_id = Some(entitlement.customer_id.clone());
         if let Some(refusal) = self.refuse_by_standing(&entitlement, &route, request_id) {
             return refusal;
         }
 
-        tracing::Span::current().record("customer_id", entitlement.customer_id.as_str());
-        record.customer_id = Some(entitlement.customer_id.clone());
         let limits = entitlement.limits.unwrap_or_default();
         // The admission id is ours, never the client's `X-Request-Id`: usage replays an admission with a
         // known id without charging, so a client-chosen id reused on purpose would buy many upstream calls

@@ -1,5 +1,6 @@
-//! Metrics through the real stack: a known mix of traffic, then `/metrics` read over HTTP; and the Grafana
-//! dashboard checked against what the services export.
+//! Metrics and per-customer statistics through the real stack: a known mix of traffic, then `/metrics` read
+//! over HTTP and billing's statistics per customer; and the Grafana dashboard checked against what the
+//! services export.
 //!
 //! The three services run in this one test process and share its `metrics` recorder, which is why every
 //! metric name carries its service. Each test file is its own process under nextest and `cargo test`, and
@@ -23,9 +24,10 @@ use proto::billing::v1::{
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-/// A key, and the subscription it belongs to when there is one.
+/// A key, its customer, and the subscription it belongs to when there is one.
 struct Key {
     secret: String,
+    customer_id: String,
     subscription_id: Option<String>,
 }
 
@@ -56,7 +58,7 @@ async fn key_on_plan(
     };
     let secret = admin
         .issue_api_key(IssueApiKeyRequest {
-            customer_id: customer.id,
+            customer_id: customer.id.clone(),
             name: "metrics".into(),
         })
         .await
@@ -65,6 +67,7 @@ async fn key_on_plan(
         .secret;
     Key {
         secret,
+        customer_id: customer.id,
         subscription_id,
     }
 }
@@ -120,7 +123,8 @@ fn total(samples: &BTreeMap<String, f64>, name: &str, labels: &[(&str, &str)]) -
 }
 
 #[tokio::test]
-async fn metrics_count_exactly_the_traffic_sent_and_the_dashboard_queries_only_exported_metrics() {
+async fn metrics_and_customer_statistics_count_exactly_the_traffic_sent_and_the_dashboard_queries_only_exported_metrics()
+ {
     let metrics_addr = serve_metrics().await;
     let clock = Arc::new(billing::ManualClock::new(OffsetDateTime::now_utc()));
     let billing = spawn_billing_with_clock(fresh_database().await, clock).await;
@@ -206,6 +210,7 @@ async fn metrics_count_exactly_the_traffic_sent_and_the_dashboard_queries_only_e
     statuses.push(call("/v1/ok", Some(&rate_limited.secret)).await.status);
     statuses.push(call("/v1/ok", Some(&rate_limited.secret)).await.status);
     let samples = scrape(metrics_addr).await;
+    gateway.shutdown().await; // its last customer statistics go to billing
 
     let codes: Vec<u16> = statuses.iter().map(StatusCode::as_u16).collect();
     assert_eq!(
@@ -277,6 +282,61 @@ async fn metrics_count_exactly_the_traffic_sent_and_the_dashboard_queries_only_e
         "one resolve per known key, then the cache"
     );
     assert_eq!(resolves("NotFound"), 1.0);
+
+    let stats = |customer: &Key| {
+        let customer_id = customer.customer_id.clone();
+        let billing = &billing;
+        async move {
+            let now = OffsetDateTime::now_utc().unix_timestamp();
+            let hours = billing
+                .admin()
+                .await
+                .get_customer_stats(billing_pb::GetCustomerStatsRequest {
+                    customer_id,
+                    from: Some(prost_types::Timestamp {
+                        seconds: now - 7_200,
+                        nanos: 0,
+                    }),
+                    to: Some(prost_types::Timestamp {
+                        seconds: now + 7_200,
+                        nanos: 0,
+                    }),
+                })
+                .await
+                .expect("stats")
+                .into_inner()
+                .hours;
+            let mut answered: BTreeMap<String, i64> = BTreeMap::new();
+            let mut figures = [0_i64; 4]; // admitted, upstream 2xx, upstream 5xx, units
+            for hour in hours {
+                figures[0] += hour.admitted;
+                figures[1] += hour.upstream_2xx;
+                figures[2] += hour.upstream_5xx;
+                figures[3] += hour.units;
+                for (code, count) in hour.answered {
+                    *answered.entry(code).or_default() += count;
+                }
+            }
+            (figures, answered)
+        }
+    };
+    let only = |code: &str| BTreeMap::from([(code.to_owned(), 1_i64)]);
+    assert_eq!(stats(&roomy).await, ([4, 3, 1, 3], BTreeMap::new()));
+    assert_eq!(
+        stats(&rate_limited).await,
+        ([1, 1, 0, 1], only("rate_limited"))
+    );
+    for (customer, code) in [
+        (&no_subscription, "subscription_required"),
+        (&cancelled, "subscription_inactive"),
+        (&past_due, "payment_past_due"),
+        (&no_quota, "quota_exhausted"),
+        (&no_credits, "credits_exhausted"),
+    ] {
+        assert_eq!(stats(customer).await, ([0, 0, 0, 0], only(code)), "{code}");
+    }
+    let quiet = key_on_plan(&billing, Some(free_plan(100))).await;
+    assert_eq!(stats(&quiet).await, ([0, 0, 0, 0], BTreeMap::new()));
 
     let dashboard: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(concat!(

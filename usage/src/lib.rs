@@ -47,11 +47,33 @@ pub async fn connect_redis(url: &str) -> anyhow::Result<redis::aio::ConnectionMa
     let config = redis::aio::ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(5)))
         .set_response_timeout(Some(Duration::from_secs(5)));
-    client
+    let mut connection = client
         .get_connection_manager_with_config(config)
         .await
-        .context("failed to connect to redis")
+        .context("failed to connect to redis")?;
+    // A Redis restarting with a large append-only file answers LOADING until it has read it; usage waits
+    // for it (a restarted stack would otherwise lose usage to a race it cannot win) rather than exit.
+    let started = std::time::Instant::now();
+    loop {
+        let ping: redis::RedisResult<String> =
+            redis::cmd("PING").query_async(&mut connection).await;
+        match ping {
+            Ok(_) => return Ok(connection),
+            Err(error)
+                if error.kind()
+                    == redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading)
+                    && started.elapsed() < REDIS_LOADING_LIMIT =>
+            {
+                tracing::info!("redis is loading its data; waiting");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(error) => return Err(error).context("failed to connect to redis"),
+        }
+    }
 }
+
+/// How long usage waits at start for a Redis that is still loading its data.
+const REDIS_LOADING_LIMIT: Duration = Duration::from_secs(300);
 
 /// Refuses Redis setups that can lose spending silently: no append-only file, or an eviction policy that
 /// may drop balances and outboxes. `allow_volatile` (development only) turns the refusal into a warning.
