@@ -75,6 +75,11 @@ struct Args {
     /// Tokio worker threads for billing, usage and the gateway (`TOKIO_WORKER_THREADS`); unset: one per core.
     #[arg(long)]
     worker_threads: Option<usize>,
+    /// The gateway's deadline for billing and usage calls, in ms (`GATEWAY_BACKEND_DEADLINE_MS`; default
+    /// 250, the gateway's). The smoke run on the debug build raises it: a slow debug build must not turn
+    /// into 503s, which the benchmark treats as failures.
+    #[arg(long, default_value_t = 250)]
+    backend_deadline_ms: u64,
     /// A label for the results file (e.g. `smoke`).
     #[arg(long, default_value = "full")]
     label: String,
@@ -168,6 +173,10 @@ async fn run(args: &Args, work: &Path) -> Value {
             (
                 "GATEWAY_METRICS_ADDR".into(),
                 format!("127.0.0.1:{}", free_port()),
+            ),
+            (
+                "GATEWAY_BACKEND_DEADLINE_MS".into(),
+                args.backend_deadline_ms.to_string(),
             ),
             (
                 "BILLING_URL".into(),
@@ -1244,6 +1253,7 @@ impl Report<'_> {
                 "wrk_threads": WRK_THREADS,
                 "keys": self.args.keys,
                 "worker_threads": self.args.worker_threads,
+                "backend_deadline_ms": self.args.backend_deadline_ms,
                 "cpus": std::thread::available_parallelism().map(usize::from).unwrap_or(0),
             },
             "saturation": {
