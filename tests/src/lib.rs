@@ -28,9 +28,9 @@ use std::{net::SocketAddr, sync::Arc};
 
 use billing::ManualClock;
 use proto::billing::v1::{
-    BillingInterval, CreateCustomerRequest, CreatePlanRequest, OverageMode, PaymentOutcome,
-    PaymentPurpose, RecordPaymentRequest, billing_admin_client::BillingAdminClient,
-    entitlements_client,
+    BillingInterval, CreateCustomerRequest, CreatePlanRequest, CreateSubscriptionRequest,
+    GetCustomerStatsRequest, IssueApiKeyRequest, OverageMode, PaymentOutcome, PaymentPurpose,
+    RecordPaymentRequest, billing_admin_client::BillingAdminClient, entitlements_client,
 };
 use sha2::{Digest, Sha256};
 use sqlx::{
@@ -67,18 +67,7 @@ pub type EntitlementsClient =
 /// what to install when PostgreSQL is missing.
 pub async fn fresh_database() -> PgPool {
     init_test_logging();
-    let server = server_options().await;
-    let name = format!("test_{}", Uuid::new_v4().simple());
-
-    let mut maintenance = PgConnection::connect_with(&server)
-        .await
-        .unwrap_or_else(|error| panic!("failed to connect to PostgreSQL: {error}"));
-    sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .execute(&mut maintenance)
-        .await
-        .unwrap_or_else(|error| panic!("failed to create database `{name}`: {error}"));
-    let _ = maintenance.close().await;
-
+    let (server, name) = create_database("test").await;
     let pool = PgPoolOptions::new()
         .max_connections(16)
         .connect_with(server.database(&name))
@@ -92,10 +81,20 @@ pub async fn fresh_database() -> PgPool {
 }
 
 /// Returns the URL of a new, empty, uniquely named database (`bench_<uuid>`) on the same server as
-/// [`fresh_database`], for a service started as a separate process (which migrates it itself).
+/// [`fresh_database`], for a service started as a separate process (which migrates it itself). A password
+/// in `DATABASE_URL` is not carried over; use `PGPASSWORD`.
 pub async fn empty_database_url() -> String {
+    let (server, name) = create_database("bench").await;
+    let host = server.get_host();
+    let port = server.get_port();
+    let user = server.get_username();
+    format!("postgres://{user}@{host}:{port}/{name}?sslmode=disable")
+}
+
+/// Creates `<prefix>_<uuid>` on the test server; returns the server's options and the name.
+async fn create_database(prefix: &str) -> (PgConnectOptions, String) {
     let server = server_options().await;
-    let name = format!("bench_{}", Uuid::new_v4().simple());
+    let name = format!("{prefix}_{}", Uuid::new_v4().simple());
     let mut maintenance = PgConnection::connect_with(&server)
         .await
         .unwrap_or_else(|error| panic!("failed to connect to PostgreSQL: {error}"));
@@ -104,10 +103,7 @@ pub async fn empty_database_url() -> String {
         .await
         .unwrap_or_else(|error| panic!("failed to create database `{name}`: {error}"));
     let _ = maintenance.close().await;
-    let host = server.get_host();
-    let port = server.get_port();
-    let user = server.get_username();
-    format!("postgres://{user}@{host}:{port}/{name}?sslmode=disable")
+    (server, name)
 }
 
 async fn server_options() -> PgConnectOptions {
@@ -339,4 +335,117 @@ pub fn instant(timestamp: &Option<prost_types::Timestamp>) -> OffsetDateTime {
     let timestamp = timestamp.as_ref().expect("timestamp is set");
     OffsetDateTime::from_unix_timestamp(timestamp.seconds).expect("timestamp in range")
         + time::Duration::nanoseconds(i64::from(timestamp.nanos))
+}
+
+/// A customer with one API key, subscribed to a plan when one was given.
+pub struct KeyedCustomer {
+    pub id: String,
+    pub subscription_id: Option<String>,
+    pub secret: String,
+}
+
+/// Creates a customer, subscribes it to a new plan made from `plan` (none: no subscription), and issues
+/// it a key.
+pub async fn keyed_customer(
+    billing: &BillingInstance,
+    plan: Option<CreatePlanRequest>,
+) -> KeyedCustomer {
+    let mut admin = billing.admin().await;
+    let customer = admin
+        .create_customer(customer_request(&Uuid::new_v4().to_string()))
+        .await
+        .expect("customer")
+        .into_inner();
+    let subscription_id = match plan {
+        Some(plan) => {
+            let plan = admin.create_plan(plan).await.expect("plan").into_inner();
+            let subscription = admin
+                .create_subscription(CreateSubscriptionRequest {
+                    customer_id: customer.id.clone(),
+                    plan_id: plan.id,
+                })
+                .await
+                .expect("subscription")
+                .into_inner();
+            Some(subscription.id)
+        }
+        None => None,
+    };
+    let secret = admin
+        .issue_api_key(IssueApiKeyRequest {
+            customer_id: customer.id.clone(),
+            name: "test".into(),
+        })
+        .await
+        .expect("key")
+        .into_inner()
+        .secret;
+    KeyedCustomer {
+        id: customer.id,
+        subscription_id,
+        secret,
+    }
+}
+
+/// Returns a free plan (price 0, uniquely coded) with `included_units` units, overage blocked.
+pub fn free_plan(included_units: i64) -> CreatePlanRequest {
+    CreatePlanRequest {
+        price_micros: 0,
+        included_units,
+        ..plan_request(&format!("p{}", Uuid::new_v4().simple()))
+    }
+}
+
+/// A customer's runtime statistics over the two hours either side of now, summed over the hours (a test
+/// may straddle an hour).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct StatsTotals {
+    pub admitted: i64,
+    /// Upstream answers: 2xx, 4xx, 5xx, other.
+    pub upstream: [i64; 4],
+    pub answered: std::collections::BTreeMap<String, i64>,
+    pub units: i64,
+    pub credits_micros: i64,
+    /// Hours with a mean and a p95 upstream latency above zero.
+    pub hours_with_latency: usize,
+}
+
+/// Reads `customer_id`'s statistics through the admin API.
+pub async fn stats_totals(billing: &BillingInstance, customer_id: &str) -> StatsTotals {
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    let hours = billing
+        .admin()
+        .await
+        .get_customer_stats(GetCustomerStatsRequest {
+            customer_id: customer_id.to_owned(),
+            from: Some(prost_types::Timestamp {
+                seconds: now - 7_200,
+                nanos: 0,
+            }),
+            to: Some(prost_types::Timestamp {
+                seconds: now + 7_200,
+                nanos: 0,
+            }),
+        })
+        .await
+        .expect("stats")
+        .into_inner()
+        .hours;
+    let mut totals = StatsTotals::default();
+    for hour in hours {
+        totals.admitted += hour.admitted;
+        totals.upstream[0] += hour.upstream_2xx;
+        totals.upstream[1] += hour.upstream_4xx;
+        totals.upstream[2] += hour.upstream_5xx;
+        totals.upstream[3] += hour.upstream_other;
+        for (code, count) in hour.answered {
+            *totals.answered.entry(code).or_default() += count;
+        }
+        totals.units += hour.units;
+        totals.credits_micros += hour.credits_micros;
+        if hour.upstream_latency_mean_ms > 0.0 && hour.upstream_latency_p95_ms > 0.0 {
+            totals.hours_with_latency += 1;
+        }
+    }
+    totals
 }

@@ -14,71 +14,12 @@ use std::{
 
 use http::{Response, StatusCode};
 use integration_tests::{
-    BillingInstance, body, customer_request, fresh_database, get, http_client, plan_request, send,
-    spawn_billing_with_clock, spawn_gateway, spawn_upstream, spawn_usage,
+    KeyedCustomer, body, free_plan, fresh_database, get, http_client, keyed_customer, plan_request,
+    send, spawn_billing_with_clock, spawn_gateway, spawn_upstream, spawn_usage, stats_totals,
 };
-use proto::billing::v1::{
-    self as billing_pb, CancelSubscriptionRequest, CreateSubscriptionRequest, IssueApiKeyRequest,
-    OverageMode,
-};
+use proto::billing::v1::{self as billing_pb, CancelSubscriptionRequest, OverageMode};
 use time::OffsetDateTime;
 use uuid::Uuid;
-
-/// A key, its customer, and the subscription it belongs to when there is one.
-struct Key {
-    secret: String,
-    customer_id: String,
-    subscription_id: Option<String>,
-}
-
-async fn key_on_plan(
-    billing: &BillingInstance,
-    plan: Option<billing_pb::CreatePlanRequest>,
-) -> Key {
-    let mut admin = billing.admin().await;
-    let customer = admin
-        .create_customer(customer_request(&Uuid::new_v4().to_string()))
-        .await
-        .expect("customer")
-        .into_inner();
-    let subscription_id = match plan {
-        Some(plan) => {
-            let plan = admin.create_plan(plan).await.expect("plan").into_inner();
-            let subscription = admin
-                .create_subscription(CreateSubscriptionRequest {
-                    customer_id: customer.id.clone(),
-                    plan_id: plan.id,
-                })
-                .await
-                .expect("subscription")
-                .into_inner();
-            Some(subscription.id)
-        }
-        None => None,
-    };
-    let secret = admin
-        .issue_api_key(IssueApiKeyRequest {
-            customer_id: customer.id.clone(),
-            name: "metrics".into(),
-        })
-        .await
-        .expect("key")
-        .into_inner()
-        .secret;
-    Key {
-        secret,
-        customer_id: customer.id,
-        subscription_id,
-    }
-}
-
-fn free_plan(included_units: i64) -> billing_pb::CreatePlanRequest {
-    billing_pb::CreatePlanRequest {
-        price_micros: 0,
-        included_units,
-        ..plan_request(&format!("p{}", Uuid::new_v4().simple()))
-    }
-}
 
 async fn serve_metrics() -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -142,9 +83,9 @@ async fn metrics_and_customer_statistics_count_exactly_the_traffic_sent_and_the_
         upstream.addr
     );
     let gateway = spawn_gateway(&billing, &usage, &routes).await;
-    let roomy = key_on_plan(&billing, Some(free_plan(100))).await;
-    let no_subscription = key_on_plan(&billing, None).await;
-    let cancelled = key_on_plan(&billing, Some(free_plan(100))).await;
+    let roomy = keyed_customer(&billing, Some(free_plan(100))).await;
+    let no_subscription = keyed_customer(&billing, None).await;
+    let cancelled = keyed_customer(&billing, Some(free_plan(100))).await;
     billing
         .admin()
         .await
@@ -154,7 +95,7 @@ async fn metrics_and_customer_statistics_count_exactly_the_traffic_sent_and_the_
         })
         .await
         .expect("cancel");
-    let past_due = key_on_plan(
+    let past_due = keyed_customer(
         &billing,
         Some(billing_pb::CreatePlanRequest {
             grace_period_seconds: 0,
@@ -162,8 +103,8 @@ async fn metrics_and_customer_statistics_count_exactly_the_traffic_sent_and_the_
         }),
     )
     .await;
-    let no_quota = key_on_plan(&billing, Some(free_plan(0))).await;
-    let no_credits = key_on_plan(
+    let no_quota = keyed_customer(&billing, Some(free_plan(0))).await;
+    let no_credits = keyed_customer(
         &billing,
         Some(billing_pb::CreatePlanRequest {
             overage_mode: OverageMode::Credits.into(),
@@ -172,7 +113,7 @@ async fn metrics_and_customer_statistics_count_exactly_the_traffic_sent_and_the_
         }),
     )
     .await;
-    let rate_limited = key_on_plan(
+    let rate_limited = keyed_customer(
         &billing,
         Some(billing_pb::CreatePlanRequest {
             rate_limit: 1,
@@ -283,41 +224,19 @@ async fn metrics_and_customer_statistics_count_exactly_the_traffic_sent_and_the_
     );
     assert_eq!(resolves("NotFound"), 1.0);
 
-    let stats = |customer: &Key| {
-        let customer_id = customer.customer_id.clone();
+    let stats = |customer: &KeyedCustomer| {
+        let customer_id = customer.id.clone();
         let billing = &billing;
         async move {
-            let now = OffsetDateTime::now_utc().unix_timestamp();
-            let hours = billing
-                .admin()
-                .await
-                .get_customer_stats(billing_pb::GetCustomerStatsRequest {
-                    customer_id,
-                    from: Some(prost_types::Timestamp {
-                        seconds: now - 7_200,
-                        nanos: 0,
-                    }),
-                    to: Some(prost_types::Timestamp {
-                        seconds: now + 7_200,
-                        nanos: 0,
-                    }),
-                })
-                .await
-                .expect("stats")
-                .into_inner()
-                .hours;
-            let mut answered: BTreeMap<String, i64> = BTreeMap::new();
-            let mut figures = [0_i64; 4]; // admitted, upstream 2xx, upstream 5xx, units
-            for hour in hours {
-                figures[0] += hour.admitted;
-                figures[1] += hour.upstream_2xx;
-                figures[2] += hour.upstream_5xx;
-                figures[3] += hour.units;
-                for (code, count) in hour.answered {
-                    *answered.entry(code).or_default() += count;
-                }
-            }
-            (figures, answered)
+            let totals = stats_totals(billing, &customer_id).await;
+            // admitted, upstream 2xx, upstream 5xx, units
+            let figures = [
+                totals.admitted,
+                totals.upstream[0],
+                totals.upstream[2],
+                totals.units,
+            ];
+            (figures, totals.answered)
         }
     };
     let only = |code: &str| BTreeMap::from([(code.to_owned(), 1_i64)]);
@@ -335,7 +254,7 @@ async fn metrics_and_customer_statistics_count_exactly_the_traffic_sent_and_the_
     ] {
         assert_eq!(stats(customer).await, ([0, 0, 0, 0], only(code)), "{code}");
     }
-    let quiet = key_on_plan(&billing, Some(free_plan(100))).await;
+    let quiet = keyed_customer(&billing, Some(free_plan(100))).await;
     assert_eq!(stats(&quiet).await, ([0, 0, 0, 0], BTreeMap::new()));
 
     let dashboard: serde_json::Value = serde_json::from_str(

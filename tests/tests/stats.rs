@@ -6,107 +6,11 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use http::{Response, StatusCode};
 use integration_tests::{
-    BillingInstance, body, customer_request, fresh_database, get, http_client, plan_request, send,
-    spawn_billing_with_clock, spawn_gateway, spawn_upstream, spawn_usage,
+    KeyedCustomer, StatsTotals, body, free_plan, fresh_database, get, http_client, keyed_customer,
+    send, spawn_billing_with_clock, spawn_gateway, spawn_upstream, spawn_usage, stats_totals,
 };
-use proto::billing::v1::{
-    self as billing_pb, CreateSubscriptionRequest, GetCustomerStatsRequest, IssueApiKeyRequest,
-};
+use proto::billing::v1 as billing_pb;
 use time::OffsetDateTime;
-use uuid::Uuid;
-
-struct Customer {
-    id: String,
-    secret: String,
-}
-
-async fn customer_on(billing: &BillingInstance, plan: billing_pb::CreatePlanRequest) -> Customer {
-    let mut admin = billing.admin().await;
-    let plan = admin.create_plan(plan).await.expect("plan").into_inner();
-    let customer = admin
-        .create_customer(customer_request(&Uuid::new_v4().to_string()))
-        .await
-        .expect("customer")
-        .into_inner();
-    admin
-        .create_subscription(CreateSubscriptionRequest {
-            customer_id: customer.id.clone(),
-            plan_id: plan.id,
-        })
-        .await
-        .expect("subscription");
-    let secret = admin
-        .issue_api_key(IssueApiKeyRequest {
-            customer_id: customer.id.clone(),
-            name: "stats".into(),
-        })
-        .await
-        .expect("key")
-        .into_inner()
-        .secret;
-    Customer {
-        id: customer.id,
-        secret,
-    }
-}
-
-fn free_plan(included_units: i64) -> billing_pb::CreatePlanRequest {
-    billing_pb::CreatePlanRequest {
-        price_micros: 0,
-        included_units,
-        ..plan_request(&format!("p{}", Uuid::new_v4().simple()))
-    }
-}
-
-/// The customer's statistics over the hours around now, summed (a test may straddle an hour).
-#[derive(Debug, Default, PartialEq)]
-struct Totals {
-    admitted: i64,
-    upstream: [i64; 4],
-    answered: BTreeMap<String, i64>,
-    units: i64,
-    credits_micros: i64,
-    hours_with_latency: usize,
-}
-
-async fn totals(billing: &BillingInstance, customer_id: &str) -> Totals {
-    let now = OffsetDateTime::now_utc().unix_timestamp();
-    let hours = billing
-        .admin()
-        .await
-        .get_customer_stats(GetCustomerStatsRequest {
-            customer_id: customer_id.to_owned(),
-            from: Some(prost_types::Timestamp {
-                seconds: now - 7_200,
-                nanos: 0,
-            }),
-            to: Some(prost_types::Timestamp {
-                seconds: now + 7_200,
-                nanos: 0,
-            }),
-        })
-        .await
-        .expect("stats")
-        .into_inner()
-        .hours;
-    let mut totals = Totals::default();
-    for hour in hours {
-        totals.admitted += hour.admitted;
-        totals.upstream[0] += hour.upstream_2xx;
-        totals.upstream[1] += hour.upstream_4xx;
-        totals.upstream[2] += hour.upstream_5xx;
-        totals.upstream[3] += hour.upstream_other;
-        for (code, count) in hour.answered {
-            *totals.answered.entry(code).or_default() += count;
-        }
-        totals.units += hour.units;
-        totals.credits_micros += hour.credits_micros;
-        if hour.upstream_latency_mean_ms > 0.0 && hour.upstream_latency_p95_ms > 0.0 {
-            totals.hours_with_latency += 1;
-        }
-    }
-    totals
-}
 
 #[tokio::test]
 async fn each_customer_gets_exactly_the_counts_of_its_own_traffic_per_hour() {
@@ -128,20 +32,20 @@ async fn each_customer_gets_exactly_the_counts_of_its_own_traffic_per_hour() {
         upstream.addr
     );
     let gateway = spawn_gateway(&billing, &usage, &routes).await;
-    let quota_of_three = customer_on(&billing, free_plan(3)).await;
-    let rate_of_one = customer_on(
+    let quota_of_three = keyed_customer(&billing, Some(free_plan(3))).await;
+    let rate_of_one = keyed_customer(
         &billing,
-        billing_pb::CreatePlanRequest {
+        Some(billing_pb::CreatePlanRequest {
             rate_limit: 1,
             rate_period_ms: 60_000,
             burst: 1,
             ..free_plan(100)
-        },
+        }),
     )
     .await;
-    let silent = customer_on(&billing, free_plan(100)).await;
+    let silent = keyed_customer(&billing, Some(free_plan(100))).await;
     let client = http_client();
-    let bearer = |customer: &Customer| format!("Bearer {}", customer.secret);
+    let bearer = |customer: &KeyedCustomer| format!("Bearer {}", customer.secret);
 
     let mut statuses = Vec::new();
     for path in ["/v1/ok", "/v1/missing", "/v1/broken", "/v1/ok", "/v1/ok"] {
@@ -176,8 +80,8 @@ async fn each_customer_gets_exactly_the_counts_of_its_own_traffic_per_hour() {
 
     assert_eq!(statuses, [200, 404, 500, 200, 402, 200, 429, 401]);
     assert_eq!(
-        totals(&billing, &quota_of_three.id).await,
-        Totals {
+        stats_totals(&billing, &quota_of_three.id).await,
+        StatsTotals {
             admitted: 4,
             upstream: [2, 1, 1, 0],
             answered: BTreeMap::from([("quota_exhausted".to_owned(), 1)]),
@@ -187,8 +91,8 @@ async fn each_customer_gets_exactly_the_counts_of_its_own_traffic_per_hour() {
         }
     );
     assert_eq!(
-        totals(&billing, &rate_of_one.id).await,
-        Totals {
+        stats_totals(&billing, &rate_of_one.id).await,
+        StatsTotals {
             admitted: 1,
             upstream: [1, 0, 0, 0],
             answered: BTreeMap::from([("rate_limited".to_owned(), 1)]),
@@ -197,14 +101,17 @@ async fn each_customer_gets_exactly_the_counts_of_its_own_traffic_per_hour() {
             hours_with_latency: 1,
         }
     );
-    assert_eq!(totals(&billing, &silent.id).await, Totals::default());
+    assert_eq!(
+        stats_totals(&billing, &silent.id).await,
+        StatsTotals::default()
+    );
 }
 
 #[tokio::test]
 async fn a_statistics_report_sent_twice_is_counted_once() {
     let clock = Arc::new(billing::ManualClock::new(OffsetDateTime::now_utc()));
     let billing = spawn_billing_with_clock(fresh_database().await, clock).await;
-    let customer = customer_on(&billing, free_plan(10)).await;
+    let customer = keyed_customer(&billing, Some(free_plan(10))).await;
     let hour = OffsetDateTime::now_utc().unix_timestamp() / 3600 * 3600;
     let report = billing_pb::ReportStatsRequest {
         report_id: "gateway-1-report-7".into(),
@@ -235,8 +142,8 @@ async fn a_statistics_report_sent_twice_is_counted_once() {
         .expect("again, acknowledged");
 
     assert_eq!(
-        totals(&billing, &customer.id).await,
-        Totals {
+        stats_totals(&billing, &customer.id).await,
+        StatsTotals {
             admitted: 5,
             upstream: [5, 0, 0, 0],
             answered: BTreeMap::from([("credits_exhausted".to_owned(), 2)]),

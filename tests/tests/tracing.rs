@@ -5,15 +5,13 @@
 use std::sync::Arc;
 
 use integration_tests::{
-    customer_request, fresh_database, get, http_client, plan_request, send,
-    spawn_billing_with_clock, spawn_gateway, spawn_ok_upstream, spawn_usage,
+    free_plan, fresh_database, get, http_client, keyed_customer, send, spawn_billing_with_clock,
+    spawn_gateway, spawn_ok_upstream, spawn_usage,
 };
 use opentelemetry::{Value, trace::TraceId};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
-use proto::billing::v1::{self as billing_pb, CreateSubscriptionRequest, IssueApiKeyRequest};
 use time::OffsetDateTime;
 use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt};
-use uuid::Uuid;
 
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 
@@ -35,36 +33,8 @@ async fn one_request_is_one_trace_across_gateway_usage_billing_and_the_upstream(
         upstream.addr
     );
     let gateway = spawn_gateway(&billing, &usage, &routes).await;
-    let mut admin = billing.admin().await;
-    let plan = admin
-        .create_plan(billing_pb::CreatePlanRequest {
-            price_micros: 0,
-            ..plan_request(&format!("p{}", Uuid::new_v4().simple()))
-        })
-        .await
-        .expect("plan")
-        .into_inner();
-    let customer = admin
-        .create_customer(customer_request(&Uuid::new_v4().to_string()))
-        .await
-        .expect("customer")
-        .into_inner();
-    admin
-        .create_subscription(CreateSubscriptionRequest {
-            customer_id: customer.id.clone(),
-            plan_id: plan.id,
-        })
-        .await
-        .expect("subscription");
-    let secret = admin
-        .issue_api_key(IssueApiKeyRequest {
-            customer_id: customer.id.clone(),
-            name: "traced".into(),
-        })
-        .await
-        .expect("key")
-        .into_inner()
-        .secret;
+    let customer = keyed_customer(&billing, Some(free_plan(1_000))).await;
+    let secret = customer.secret.clone();
 
     let answer = send(
         &http_client(),
