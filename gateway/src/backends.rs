@@ -62,7 +62,8 @@ const BATCHES_IN_FLIGHT: usize = 4;
 struct PendingAdmission {
     request: usage_pb::AdmitRequest,
     answer: oneshot::Sender<Result<usage_pb::AdmitResponse, BackendError>>,
-    /// The trace of the request asking; a batch travels in its first request's trace.
+    /// The trace of the request asking; a batch travels in its first request's trace, linked to the
+    /// others'.
     trace: opentelemetry::Context,
 }
 
@@ -287,10 +288,19 @@ async fn admit_batch(
     deadline: Duration,
     batch: Vec<PendingAdmission>,
 ) {
-    let trace = batch
-        .first()
-        .map(|pending| pending.trace.clone())
-        .unwrap_or_default();
+    // The batch's span is a child of its first request's trace and linked to every other request's, so
+    // each request's trace leads to the usage call that decided it.
+    let span = tracing::info_span!("admit_batch", requests = batch.len());
+    if let Some(first) = batch.first() {
+        telemetry::traces::set_parent(&span, first.trace.clone());
+    }
+    for other in batch.iter().skip(1) {
+        telemetry::traces::add_link(&span, &other.trace);
+    }
+    let trace = {
+        let _entered = span.enter();
+        telemetry::traces::current()
+    };
     let (requests, answers): (Vec<_>, Vec<_>) = batch
         .into_iter()
         .map(|pending| (pending.request, pending.answer))

@@ -79,6 +79,16 @@ pub fn extract_from_headers(headers: &http::HeaderMap) -> Context {
     propagator().extract(&HeaderExtractor(headers))
 }
 
+/// Links `span` to the span of `other` (a request it also serves, in another trace).
+pub fn add_link(span: &tracing::Span, other: &Context) {
+    use opentelemetry::trace::TraceContextExt;
+
+    let linked = other.span().span_context().clone();
+    if linked.is_valid() {
+        span.add_link(linked);
+    }
+}
+
 /// Makes `span` a child of the trace context `parent` (a caller's `traceparent`).
 pub fn set_parent(span: &tracing::Span, parent: Context) {
     let _ = span.set_parent(parent);

@@ -72,6 +72,10 @@ async fn one_request_is_one_trace_across_gateway_usage_billing_and_the_upstream(
     );
     assert_eq!(attribute(request, "code"), Some(Value::from("forwarded")));
     assert_eq!(attribute(request, "units"), Some(Value::I64(1)));
+    assert!(
+        in_trace.iter().any(|span| span.name == "admit_batch"),
+        "the gateway's call to usage is in the trace"
+    );
     for service in ["usage", "billing"] {
         assert!(
             in_trace.iter().any(|span| span.name == "grpc"
