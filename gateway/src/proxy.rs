@@ -152,14 +152,11 @@ impl Gateway {
     ) -> Result<Response<Body>, Infallible> {
         let started = Instant::now();
         let request_id = request_id(request.headers());
-        let route = self
-            .routes
-            .find(request.uri().path())
-            .map(|route| route.prefix.clone());
+        let route = self.routes.find(request.uri().path());
         // Never the key or any header: the customer, route, decision and units are recorded as known.
         let span = tracing::info_span!(
             "request",
-            route = route.as_deref().unwrap_or("none"),
+            route = route.map_or("none", |route| route.prefix.as_str()),
             customer_id = tracing::field::Empty,
             code = tracing::field::Empty,
             units = tracing::field::Empty,
@@ -170,7 +167,7 @@ impl Gateway {
         );
         let mut record = RequestRecord::default();
         let mut response = self
-            .decide_and_forward(request, peer, &request_id, started, &mut record)
+            .decide_and_forward(request, route, peer, &request_id, started, &mut record)
             .instrument(span.clone())
             .await;
         if let Ok(id) = HeaderValue::from_str(&request_id) {
@@ -183,7 +180,9 @@ impl Gateway {
                 self.stats.record(customer_id, code, &record);
             }
             let elapsed = started.elapsed();
-            let route = route.unwrap_or_else(|| "none".to_owned());
+            let route = route.map_or(metrics::SharedString::const_str("none"), |route| {
+                metrics::SharedString::from(route.label.clone())
+            });
             metrics::counter!(
                 "paygate_gateway_requests_total",
                 "route" => route.clone(),
@@ -203,6 +202,7 @@ impl Gateway {
     async fn decide_and_forward(
         &self,
         request: Request<Incoming>,
+        route: Option<&Route>,
         peer: SocketAddr,
         request_id: &str,
         started: Instant,
@@ -240,7 +240,7 @@ impl Gateway {
             }
             return refusal;
         }
-        let Some(route) = self.routes.find(path).cloned() else {
+        let Some(route) = route else {
             return self.problem_response(
                 self.problem(Code::RouteNotFound),
                 request_id,
@@ -287,13 +287,13 @@ impl Gateway {
                 count_backend_error("billing", &error);
                 tracing::warn!(%error, route = %route.prefix, "billing could not resolve a key");
                 return self
-                    .degraded_or_unavailable(request, peer, &route, digest, key_source, request_id)
+                    .degraded_or_unavailable(request, peer, route, digest, key_source, request_id)
                     .await;
             }
         };
         tracing::Span::current().record("customer_id", entitlement.customer_id.as_str());
         record.customer_id = Some(entitlement.customer_id.clone());
-        if let Some(refusal) = self.refuse_by_standing(&entitlement, &route, request_id) {
+        if let Some(refusal) = self.refuse_by_standing(&entitlement, route, request_id) {
             return refusal;
         }
 
@@ -317,7 +317,7 @@ impl Gateway {
                 count_backend_error("usage", &error);
                 tracing::warn!(%error, customer_id = %entitlement.customer_id, "usage could not admit");
                 return self
-                    .degraded_or_unavailable(request, peer, &route, digest, key_source, request_id)
+                    .degraded_or_unavailable(request, peer, route, digest, key_source, request_id)
                     .await;
             }
         };
@@ -379,9 +379,9 @@ impl Gateway {
         };
         metrics::histogram!("paygate_gateway_decision_duration_seconds").record(started.elapsed());
         let asked_upstream = Instant::now();
-        let response = self.forward(request, &route, &forwarding, request_id).await;
+        let response = self.forward(request, route, &forwarding, request_id).await;
         let upstream_took = asked_upstream.elapsed();
-        metrics::histogram!("paygate_gateway_upstream_duration_seconds", "route" => route.prefix.clone())
+        metrics::histogram!("paygate_gateway_upstream_duration_seconds", "route" => metrics::SharedString::from(route.label.clone()))
             .record(upstream_took);
         let refund = match &response {
             Forwarded::Answer(answer) => {
@@ -547,7 +547,7 @@ impl Gateway {
             }
             *used += price;
         }
-        metrics::counter!("paygate_gateway_degraded_passes_total", "route" => route.prefix.clone())
+        metrics::counter!("paygate_gateway_degraded_passes_total", "route" => metrics::SharedString::from(route.label.clone()))
             .increment(1);
         tracing::warn!(route = %route.prefix, "forwarding without a decision (failure_mode = open)");
         let forwarding = OwnedForwarding {

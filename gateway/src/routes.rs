@@ -100,6 +100,8 @@ fn default_timeout_ms() -> u64 {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
     pub prefix: String,
+    /// The prefix as a metric label, shared so that labelling a request does not allocate.
+    pub label: std::sync::Arc<str>,
     /// Scheme and authority of the upstream (`http://127.0.0.1:9000`).
     pub upstream_origin: String,
     /// Path the request path is appended to (empty or `/base`, never ending in `/`).
@@ -212,6 +214,7 @@ fn check_route(spec: &RouteSpec) -> Result<Route, String> {
     }
     Ok(Route {
         prefix: prefix.to_owned(),
+        label: prefix.into(),
         upstream_origin: format!("http://{authority}"),
         upstream_base_path: uri.path().trim_end_matches('/').to_owned(),
         price: spec.price,
