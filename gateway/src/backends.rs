@@ -1,25 +1,33 @@
 //! The gateway's calls to billing and usage: each with a deadline and behind a circuit breaker, so an
 //! outage costs one fast failure per request instead of a timeout per request.
 //!
-//! The breaker is `failsafe`'s state machine, used directly around our own deadline-bounded calls (no
-//! tower layering over tonic channels needed): after 3 consecutive failures it opens for an exponentially
-//! growing pause (1 s to 10 s; failsafe counts whole seconds), then lets a trial call through.
+//! The breaker opens after `FAILURES_TO_OPEN` consecutive failures. While it is open, calls fail at once
+//! and a background probe asks the backend's gRPC health every `PROBE_INTERVAL`; the first SERVING answer
+//! closes it, so traffic resumes within a probe interval of the backend's return (DESIGN §2, outages).
 //!
 //! Admissions are batched without waiting: a request goes to usage at once while fewer than
 //! `BATCHES_IN_FLIGHT` batches are out; otherwise it waits for one to come back and goes with everything
 //! else that queued meanwhile, in one `AdmitBatch`. Under load that turns many small gRPC calls and Redis
 //! round trips into few large ones; when idle every request travels alone, so batching adds no delay.
+//!
+//! Whenever an admission's outcome is unknown (the call failed or timed out after it was sent, or its
+//! caller stopped waiting), the gateway refunds it by request id: a refund of an id usage never admitted
+//! changes nothing, so a customer is never charged for a request that was not served.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc, Mutex, Weak,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use backon::{ExponentialBuilder, Retryable};
-use failsafe::{
-    StateMachine,
-    backoff::{self, Exponential},
-    failure_policy::{self, ConsecutiveFailures},
-};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tonic::{Code, Request, service::interceptor::InterceptedService, transport::Channel};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 
 use proto::{
     auth::BearerToken,
@@ -27,19 +35,136 @@ use proto::{
     usage::v1::{self as usage_pb, usage_client::UsageClient},
 };
 
+use crate::log_limit::{EVERY_FIVE_SECONDS, LogLimit};
+
 /// A client of billing's internal API, carrying the service token.
 pub type BillingClient = EntitlementsClient<InterceptedService<Channel, BearerToken>>;
 /// A client of usage's API, carrying the service token.
 pub type UsageApiClient = UsageClient<InterceptedService<Channel, BearerToken>>;
 
-type Breaker = StateMachine<ConsecutiveFailures<Exponential>, ()>;
+/// Consecutive failures that open a breaker.
+const FAILURES_TO_OPEN: u32 = 3;
+/// How often an open breaker's probe asks the backend's health.
+const PROBE_INTERVAL: Duration = Duration::from_millis(200);
+/// How long one probe waits for its answer.
+const PROBE_DEADLINE: Duration = Duration::from_millis(200);
 
-fn breaker() -> Breaker {
-    let policy = failure_policy::consecutive_failures(
-        3,
-        backoff::exponential(Duration::from_secs(1), Duration::from_secs(10)),
-    );
-    failsafe::Config::new().failure_policy(policy).build()
+/// A circuit breaker for one backend.
+pub struct Breaker {
+    backend: &'static str,
+    failures: AtomicU32,
+    open: AtomicBool,
+    opened_at: Mutex<Option<Instant>>,
+    /// Wakes the probe when the breaker opens; the probe ends when this is dropped.
+    state: watch::Sender<bool>,
+}
+
+impl Breaker {
+    /// Returns a closed breaker for `backend` and starts its probe, which asks `health` about `service`.
+    fn start(backend: &'static str, health: Channel, service: &'static str) -> Arc<Self> {
+        let (state, open) = watch::channel(false);
+        let breaker = Arc::new(Self {
+            backend,
+            failures: AtomicU32::new(0),
+            open: AtomicBool::new(false),
+            opened_at: Mutex::new(None),
+            state,
+        });
+        tokio::spawn(probe(
+            open,
+            Arc::downgrade(&breaker),
+            HealthClient::new(health),
+            service,
+        ));
+        breaker
+    }
+
+    /// Tells whether a call may go out now.
+    pub fn permitted(&self) -> bool {
+        !self.open.load(Ordering::Acquire)
+    }
+
+    /// Tells whether the breaker is open.
+    pub fn is_open(&self) -> bool {
+        self.open.load(Ordering::Acquire)
+    }
+
+    fn on_success(&self) {
+        self.failures.store(0, Ordering::Release);
+    }
+
+    fn on_error(&self) {
+        let failures = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
+        if failures >= FAILURES_TO_OPEN && !self.open.swap(true, Ordering::AcqRel) {
+            *self
+                .opened_at
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(Instant::now());
+            metrics::gauge!("paygate_gateway_breaker_open", "backend" => self.backend).set(1.0);
+            tracing::warn!(
+                backend = self.backend,
+                failures,
+                "backend failing; breaker open, answering 503 at once and probing its health"
+            );
+            self.state.send_replace(true);
+        }
+    }
+
+    fn close(&self) {
+        self.failures.store(0, Ordering::Release);
+        if self.open.swap(false, Ordering::AcqRel) {
+            let open_for = self
+                .opened_at
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .take()
+                .map_or(0, |opened| opened.elapsed().as_millis());
+            metrics::gauge!("paygate_gateway_breaker_open", "backend" => self.backend).set(0.0);
+            tracing::info!(
+                backend = self.backend,
+                open_for_ms = open_for as u64,
+                "backend serving again; breaker closed"
+            );
+        }
+        self.state.send_replace(false);
+    }
+}
+
+/// Waits for `breaker` to open, then asks the backend's health every `PROBE_INTERVAL` until it answers
+/// SERVING, and closes the breaker. Ends when the breaker is dropped.
+async fn probe(
+    mut open: watch::Receiver<bool>,
+    breaker: Weak<Breaker>,
+    mut health: HealthClient<Channel>,
+    service: &'static str,
+) {
+    loop {
+        if open.wait_for(|open| *open).await.is_err() {
+            return;
+        }
+        loop {
+            let mut request = Request::new(HealthCheckRequest {
+                service: service.to_owned(),
+            });
+            request.set_timeout(PROBE_DEADLINE);
+            let serving = matches!(
+                tokio::time::timeout(PROBE_DEADLINE, health.check(request)).await,
+                Ok(Ok(answer)) if answer.get_ref().status() == ServingStatus::Serving
+            );
+            let Some(breaker) = breaker.upgrade() else {
+                return;
+            };
+            if serving {
+                breaker.close();
+                break;
+            }
+            if !breaker.is_open() {
+                break;
+            }
+            drop(breaker);
+            tokio::time::sleep(PROBE_INTERVAL).await;
+        }
+    }
 }
 
 /// Why a backend call gave no answer.
@@ -95,8 +220,9 @@ impl Backends {
     /// Returns backends over the two channels, sending `token`, giving each call `deadline`. Starts the
     /// admission batcher on the current Tokio runtime; it stops when the last clone is dropped.
     pub fn new(billing: Channel, usage: Channel, token: BearerToken, deadline: Duration) -> Self {
+        let usage_breaker = Breaker::start("usage", usage.clone(), "usage.v1.Usage");
+        let billing_breaker = Breaker::start("billing", billing.clone(), "billing.v1.Entitlements");
         let usage = UsageClient::with_interceptor(usage, token.clone());
-        let usage_breaker = Arc::new(breaker());
         let (admissions, queue) = mpsc::unbounded_channel();
         tokio::spawn(send_admissions(
             queue,
@@ -107,7 +233,7 @@ impl Backends {
         Self {
             billing: EntitlementsClient::with_interceptor(billing, token),
             usage,
-            billing_breaker: Arc::new(breaker()),
+            billing_breaker,
             usage_breaker,
             deadline,
             admissions,
@@ -124,7 +250,7 @@ impl Backends {
         &self,
         digest: [u8; 32],
     ) -> Result<Option<billing_pb::Entitlement>, BackendError> {
-        if !permitted(&self.billing_breaker, "billing") {
+        if !self.billing_breaker.permitted() {
             return Err(BackendError::CircuitOpen);
         }
         let mut request = Request::new(billing_pb::ResolveRequest {
@@ -164,7 +290,7 @@ impl Backends {
         &self,
         admission: usage_pb::AdmitRequest,
     ) -> Result<usage_pb::AdmitResponse, BackendError> {
-        if !permitted(&self.usage_breaker, "usage") {
+        if !self.usage_breaker.permitted() {
             return Err(BackendError::CircuitOpen);
         }
         let (answer, answered) = oneshot::channel();
@@ -191,22 +317,35 @@ impl Backends {
         }
     }
 
-    /// Gives back what the admission of `request_id` took. When usage cannot be reached, the refund is
-    /// retried in the background with backoff (for about three minutes): a refund is applied once per
-    /// request id however often it is sent, so retrying is safe, and the customer must not pay for a
-    /// request the provider failed to serve.
+    /// Gives back what the admission of `request_id` took. One attempt is made at once (bounded by the
+    /// deadline); when it fails the refund is retried in the background with backoff (for about three
+    /// minutes): a refund is applied once per request id however often it is sent, so retrying is safe,
+    /// and the customer must not pay for a request the provider failed to serve.
     pub async fn refund(&self, customer_id: &str, request_id: &str) {
-        refund(&self.usage, self.deadline, customer_id, request_id).await;
+        if try_refund(&self.usage, self.deadline, customer_id, request_id)
+            .await
+            .is_err()
+        {
+            refund_in_background(&self.usage, self.deadline, customer_id, request_id);
+        }
+    }
+
+    /// Gives back what the admission of `request_id` took, entirely in the background; for answers that
+    /// must not wait for usage (a client that went away, an outcome not known).
+    pub fn refund_later(&self, customer_id: &str, request_id: &str) {
+        refund_in_background(&self.usage, self.deadline, customer_id, request_id);
     }
 }
 
-async fn refund(usage: &UsageApiClient, deadline: Duration, customer_id: &str, request_id: &str) {
-    if try_refund(usage, deadline, customer_id, request_id)
-        .await
-        .is_ok()
-    {
-        return;
-    }
+static REFUND_FAILED: LogLimit = LogLimit::new(EVERY_FIVE_SECONDS);
+static REFUND_ABANDONED: LogLimit = LogLimit::new(EVERY_FIVE_SECONDS);
+
+fn refund_in_background(
+    usage: &UsageApiClient,
+    deadline: Duration,
+    customer_id: &str,
+    request_id: &str,
+) {
     let usage = usage.clone();
     let (customer_id, request_id) = (customer_id.to_owned(), request_id.to_owned());
     tokio::spawn(async move {
@@ -220,9 +359,11 @@ async fn refund(usage: &UsageApiClient, deadline: Duration, customer_id: &str, r
             )
             .await;
         match retried {
-            Ok(()) => tracing::info!(customer_id, request_id, "refund applied after retrying"),
+            Ok(()) => tracing::debug!(customer_id, request_id, "refund applied after retrying"),
             Err(status) => {
-                tracing::error!(customer_id, request_id, code = ?status.code(), "refund abandoned after retries")
+                if let Some(suppressed) = REFUND_ABANDONED.event() {
+                    tracing::error!(customer_id, request_id, code = ?status.code(), suppressed, "refund abandoned after retries");
+                }
             }
         }
     });
@@ -238,15 +379,21 @@ async fn try_refund(
         request_id: request_id.to_owned(),
         customer_id: customer_id.to_owned(),
     });
-    request.set_timeout(deadline * 4);
-    match usage.clone().refund(request).await {
-        Ok(_) => Ok(()),
-        Err(status) => {
-            tracing::warn!(customer_id, request_id, code = ?status.code(), "refund failed");
+    request.set_timeout(deadline);
+    match tokio::time::timeout(deadline, usage.clone().refund(request)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(status)) => {
+            if let Some(suppressed) = REFUND_FAILED.event() {
+                tracing::warn!(customer_id, request_id, code = ?status.code(), suppressed, "refund failed; retrying");
+            }
             Err(status)
         }
+        Err(_) => Err(tonic::Status::deadline_exceeded(
+            "usage did not answer a refund in time",
+        )),
     }
 }
+
 /// Sends queued admissions to usage in batches until every `Backends` clone is gone.
 async fn send_admissions(
     mut queue: mpsc::UnboundedReceiver<PendingAdmission>,
@@ -358,12 +505,28 @@ async fn admit_batch(
     };
     for ((answer, result), (customer_id, request_id)) in answers.into_iter().zip(results).zip(ids) {
         let charged = matches!(&result, Ok(decision) if decision.decision() == usage_pb::Decision::Admitted && !decision.replayed);
-        if answer.send(result).is_err() && charged {
-            // The caller stopped waiting after usage took the units: it answers 503 or nothing, so the
-            // units go back.
-            refund(usage, deadline, &customer_id, &request_id).await;
+        let unknown =
+            matches!(&result, Err(BackendError::Failed(status)) if outcome_unknown(status));
+        let delivered = answer.send(result).is_ok();
+        // The caller stopped waiting after usage took the units (it answers 503 or nothing), or nobody knows
+        // whether usage took them: either way the units go back. A refund of an id usage never admitted
+        // changes nothing.
+        if (charged && !delivered) || unknown {
+            refund_in_background(usage, deadline, &customer_id, &request_id);
         }
     }
+}
+
+/// Tells whether a failed admission call may still have been carried out by usage: anything but a refusal
+/// usage gives before deciding (authentication, validation, an unknown method).
+fn outcome_unknown(status: &tonic::Status) -> bool {
+    !matches!(
+        status.code(),
+        Code::Unauthenticated
+            | Code::PermissionDenied
+            | Code::InvalidArgument
+            | Code::Unimplemented
+    )
 }
 
 fn item_result(decision: usage_pb::AdmitResponse) -> Result<usage_pb::AdmitResponse, BackendError> {
@@ -390,15 +553,4 @@ async fn admit_one(
             "usage did not answer in time",
         ))),
     }
-}
-
-/// Asks `breaker` whether a call may go out, and shows the answer as `paygate_gateway_breaker_open`.
-fn permitted(breaker: &Breaker, backend: &'static str) -> bool {
-    let permitted = breaker.is_call_permitted();
-    metrics::gauge!("paygate_gateway_breaker_open", "backend" => backend).set(if permitted {
-        0.0
-    } else {
-        1.0
-    });
-    permitted
 }

@@ -18,6 +18,9 @@ pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub const FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub const FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub const REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+/// Client-address headers some CDNs and proxies set; never trusted from a client, never forwarded.
+const CLIENT_ADDRESS_CLAIMS: [&str; 3] = ["true-client-ip", "x-client-ip", "cf-connecting-ip"];
 pub const RATE_LIMIT: HeaderName = HeaderName::from_static("ratelimit");
 pub const RATE_LIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 
@@ -83,7 +86,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// What the gateway knows about the caller when forwarding.
 pub struct Forwarding<'a> {
+    /// The client's address as determined (the peer, or the hop a trusted proxy reported).
     pub client_ip: IpAddr,
+    /// The `X-Forwarded-For` chain to send (see `client_ip::client_address`).
+    pub forwarded_for: &'a str,
     /// The `Host` the client asked for, if it sent one.
     pub host: Option<&'a str>,
     pub customer_id: &'a str,
@@ -108,13 +114,18 @@ pub fn prepare_upstream_headers(headers: &mut HeaderMap, forwarding: &Forwarding
         &FORWARDED_PROTO,
         &FORWARDED_HOST,
         &header::FORWARDED,
+        &REAL_IP,
     ] {
+        headers.remove(name);
+    }
+    for name in CLIENT_ADDRESS_CLAIMS {
         headers.remove(name);
     }
     let client = forwarding.client_ip.to_string();
     insert(headers, CUSTOMER, forwarding.customer_id);
     insert(headers, PLAN, forwarding.plan_code);
-    insert(headers, FORWARDED_FOR, &client);
+    insert(headers, FORWARDED_FOR, forwarding.forwarded_for);
+    insert(headers, REAL_IP, &client);
     insert(headers, FORWARDED_PROTO, "http");
     let node = match forwarding.client_ip {
         IpAddr::V4(_) => client.clone(),
@@ -192,6 +203,10 @@ mod tests {
             ("Paygate-Plan", "enterprise"),
             ("x-forwarded-for", "10.9.9.9"),
             ("forwarded", "for=10.9.9.9"),
+            ("x-real-ip", "10.9.9.9"),
+            ("true-client-ip", "10.9.9.9"),
+            ("x-client-ip", "10.9.9.9"),
+            ("cf-connecting-ip", "10.9.9.9"),
             ("accept", "application/json"),
         ]);
 
@@ -199,6 +214,7 @@ mod tests {
             &mut sent,
             &Forwarding {
                 client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+                forwarded_for: "127.0.0.1",
                 host: Some("api.example.com"),
                 customer_id: "cus_1",
                 plan_code: "starter",
@@ -213,9 +229,16 @@ mod tests {
             "proxy-authorization",
             "authorization",
             "x-api-key",
+            "true-client-ip",
+            "x-client-ip",
+            "cf-connecting-ip",
         ] {
             assert!(!sent.contains_key(gone), "{gone} was forwarded");
         }
+        assert_eq!(
+            sent.get_all("x-real-ip").iter().collect::<Vec<_>>(),
+            ["127.0.0.1"]
+        );
         assert_eq!(
             sent.get_all("paygate-customer").iter().collect::<Vec<_>>(),
             ["cus_1"]
@@ -246,6 +269,7 @@ mod tests {
             &mut sent,
             &Forwarding {
                 client_ip: "::1".parse().expect("ip"),
+                forwarded_for: "::1",
                 host: None,
                 customer_id: "c",
                 plan_code: "p",

@@ -6,6 +6,8 @@
 //! - `config`: settings from flags and the environment
 //! - `routes`: the routes file and longest-prefix lookup
 //! - `headers`: API-key extraction and header hygiene toward upstreams and clients
+//! - `client_ip`: the client's address, behind trusted proxies or not
+//! - `log_limit`: one log line per interval for failures that repeat
 //! - `problem`: problem+json bodies and the human pages per code
 //! - `backends`: billing and usage calls with deadlines and circuit breakers
 //! - `entitlements`: the entitlement cache and billing's change stream
@@ -14,10 +16,12 @@
 //! - `stats`: runtime statistics per customer and hour, reported to billing
 
 pub mod backends;
+pub mod client_ip;
 pub mod config;
 pub mod entitlements;
 pub mod framing;
 pub mod headers;
+pub mod log_limit;
 pub mod problem;
 pub mod proxy;
 pub mod routes;
@@ -63,10 +67,11 @@ pub fn gateway(
         metrics::counter!("paygate_gateway_entitlement_cache_total", "result" => result)
             .increment(0);
     }
+    let stale_for = file.entitlements_stale_for();
     Arc::new(Gateway {
         routes: table,
         file,
-        cache: entitlements::EntitlementCache::new(backends.clone()),
+        cache: entitlements::EntitlementCache::new(backends.clone(), stale_for),
         backends,
         upstream: proxy::upstream_client(),
         degraded_passes: std::sync::Mutex::new(std::collections::HashMap::new()),

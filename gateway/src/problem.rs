@@ -19,6 +19,7 @@ pub enum Code {
     PayloadTooLarge,
     RateLimited,
     HeadersTooLarge,
+    UnsupportedTransferCoding,
     UpstreamUnavailable,
     UpstreamTimeout,
     BillingUnavailable,
@@ -26,7 +27,7 @@ pub enum Code {
 
 impl Code {
     /// Every code, in the order of DESIGN §3.
-    pub const ALL: [Self; 16] = [
+    pub const ALL: [Self; 17] = [
         Self::BadRequest,
         Self::MissingApiKey,
         Self::InvalidApiKey,
@@ -40,6 +41,7 @@ impl Code {
         Self::PayloadTooLarge,
         Self::RateLimited,
         Self::HeadersTooLarge,
+        Self::UnsupportedTransferCoding,
         Self::UpstreamUnavailable,
         Self::UpstreamTimeout,
         Self::BillingUnavailable,
@@ -61,6 +63,7 @@ impl Code {
             Self::PayloadTooLarge => "payload_too_large",
             Self::RateLimited => "rate_limited",
             Self::HeadersTooLarge => "headers_too_large",
+            Self::UnsupportedTransferCoding => "unsupported_transfer_coding",
             Self::UpstreamUnavailable => "upstream_unavailable",
             Self::UpstreamTimeout => "upstream_timeout",
             Self::BillingUnavailable => "billing_unavailable",
@@ -94,6 +97,7 @@ impl Code {
             Self::PayloadTooLarge => 413,
             Self::RateLimited => 429,
             Self::HeadersTooLarge => 431,
+            Self::UnsupportedTransferCoding => 501,
             Self::UpstreamUnavailable => 502,
             Self::BillingUnavailable => 503,
             Self::UpstreamTimeout => 504,
@@ -116,6 +120,7 @@ impl Code {
             Self::PayloadTooLarge => "Request body too large",
             Self::RateLimited => "Too many requests",
             Self::HeadersTooLarge => "Request headers too large",
+            Self::UnsupportedTransferCoding => "Transfer coding not supported",
             Self::UpstreamUnavailable => "Upstream unavailable",
             Self::UpstreamTimeout => "Upstream timed out",
             Self::BillingUnavailable => "Temporarily unable to check your plan",
@@ -165,6 +170,12 @@ impl Code {
                  `Retry-After`, then retry; the `RateLimit` headers show your allowance."
             }
             Self::HeadersTooLarge => "The request's headers are too large or too many.",
+            Self::UnsupportedTransferCoding => {
+                "The request body was sent with a transfer coding other than plain `chunked` (for example \
+                 `gzip, chunked`). It was not forwarded and nothing was charged. Send the body with \
+                 `Content-Length` or `Transfer-Encoding: chunked` alone, and say how it is compressed with \
+                 `Content-Encoding`."
+            }
             Self::UpstreamUnavailable => {
                 "The API behind this gateway could not be reached. Nothing was charged; retry later."
             }

@@ -26,6 +26,7 @@ use crate::{
     backends::{BackendError, Backends},
     entitlements::{EntitlementCache, Lookup},
     headers::{self, Forwarding, KeySource},
+    log_limit::{EVERY_FIVE_SECONDS, LogLimit},
     problem::{Actions, Code, Money, Problem},
     routes::{FailureMode, Route, RouteTable, RoutesFile},
     stats::{CustomerStats, RequestRecord},
@@ -226,9 +227,9 @@ impl Gateway {
                 ),
             };
         }
-        if let Err(detail) = check_framing(request.headers()) {
+        if let Err((code, detail)) = check_framing(request.headers()) {
             let mut refusal = self.problem_response(
-                self.problem(Code::BadRequest).with_detail(detail),
+                self.problem(code).with_detail(detail),
                 request_id,
                 Extras::default(),
             );
@@ -275,7 +276,7 @@ impl Gateway {
         }
 
         let entitlement = match self.cache.lookup(digest).await {
-            Ok(Lookup::Known(entitlement)) => entitlement,
+            Ok(Lookup::Known { entitlement, .. }) => entitlement,
             Ok(Lookup::Unknown) => {
                 return self.problem_response(
                     self.problem(Code::InvalidApiKey),
@@ -283,12 +284,11 @@ impl Gateway {
                     Extras::default(),
                 );
             }
+            // Billing cannot say who this key belongs to and nothing usable is cached: even an open route
+            // passes only keys billing has confirmed, or anyone could invent a key with a valid checksum.
             Err(error) => {
                 count_backend_error("billing", &error);
-                tracing::warn!(%error, route = %route.prefix, "billing could not resolve a key");
-                return self
-                    .degraded_or_unavailable(request, peer, route, digest, key_source, request_id)
-                    .await;
+                return self.unavailable(request_id);
             }
         };
         tracing::Span::current().record("customer_id", entitlement.customer_id.as_str());
@@ -315,9 +315,11 @@ impl Gateway {
             Ok(decision) => decision,
             Err(error) => {
                 count_backend_error("usage", &error);
-                tracing::warn!(%error, customer_id = %entitlement.customer_id, "usage could not admit");
+                if let Some(suppressed) = USAGE_FAILED.event() {
+                    tracing::warn!(%error, suppressed, "usage could not admit");
+                }
                 return self
-                    .degraded_or_unavailable(request, peer, route, digest, key_source, request_id)
+                    .degraded_or_unavailable(request, peer, route, digest, &entitlement, request_id)
                     .await;
             }
         };
@@ -366,17 +368,15 @@ impl Gateway {
             }
         }
 
-        let forwarding = OwnedForwarding {
-            client_ip: peer.ip(),
-            host: request
-                .headers()
-                .get(header::HOST)
-                .and_then(|host| host.to_str().ok())
-                .map(str::to_owned),
-            customer_id: entitlement.customer_id.clone(),
-            plan_code: entitlement.plan_code.clone(),
-            key_source,
+        // From here the units are taken: whatever ends this request before an answer the customer pays
+        // for is on its way (the client going away included) gives them back.
+        let mut charge = ChargeGuard {
+            backends: &self.backends,
+            customer_id: &entitlement.customer_id,
+            admission_id: &admission_id,
+            settled: false,
         };
+        let forwarding = self.forwarding(&request, peer, &entitlement, key_source);
         metrics::histogram!("paygate_gateway_decision_duration_seconds").record(started.elapsed());
         let asked_upstream = Instant::now();
         let response = self.forward(request, route, &forwarding, request_id).await;
@@ -388,41 +388,23 @@ impl Gateway {
                 record.upstream = Some((answer.status().as_u16(), upstream_took));
                 answer.status().is_server_error()
             }
-            Forwarded::Unreachable | Forwarded::TimedOut | Forwarded::TooLarge => true,
+            Forwarded::Unreachable
+            | Forwarded::TimedOut
+            | Forwarded::TooLarge
+            | Forwarded::BadClientBody => true,
         };
         if refund {
             record.units = 0;
             record.credits_micros = 0;
-            self.backends
-                .refund(&entitlement.customer_id, &admission_id)
-                .await;
+            charge.refund_now().await;
         }
+        charge.settled = true;
         let mut answer = match response {
             Forwarded::Answer(mut answer) => {
                 answer.extensions_mut().insert(FORWARDED);
                 answer
             }
-            Forwarded::Unreachable => {
-                return self.problem_response(
-                    self.problem(Code::UpstreamUnavailable),
-                    request_id,
-                    Extras::default(),
-                );
-            }
-            Forwarded::TimedOut => {
-                return self.problem_response(
-                    self.problem(Code::UpstreamTimeout),
-                    request_id,
-                    Extras::default(),
-                );
-            }
-            Forwarded::TooLarge => {
-                return self.problem_response(
-                    self.problem(Code::PayloadTooLarge),
-                    request_id,
-                    Extras::default(),
-                );
-            }
+            failed => return self.forwarding_failure(failed, request_id),
         };
         let answer_headers = answer.headers_mut();
         answer_headers.insert(headers::RATE_LIMIT_POLICY, rate_limit.0);
@@ -513,27 +495,31 @@ impl Gateway {
         problem
     }
 
+    fn unavailable(&self, request_id: &str) -> Response<Body> {
+        self.problem_response(
+            self.problem(Code::BillingUnavailable),
+            request_id,
+            Extras {
+                retry_after: Some(2),
+                rate_limit: None,
+            },
+        )
+    }
+
+    /// Answers a request whose key billing has confirmed but that usage could not decide: 503, or on a
+    /// `failure_mode = "open"` route a pass within the key's budget, marked degraded and carrying the
+    /// customer as usual.
     async fn degraded_or_unavailable(
         &self,
         request: Request<Incoming>,
         peer: SocketAddr,
         route: &Route,
         digest: [u8; 32],
-        key_source: KeySource,
+        entitlement: &billing_pb::Entitlement,
         request_id: &str,
     ) -> Response<Body> {
-        let unavailable = || {
-            self.problem_response(
-                self.problem(Code::BillingUnavailable),
-                request_id,
-                Extras {
-                    retry_after: Some(2),
-                    rate_limit: None,
-                },
-            )
-        };
         if route.failure_mode == FailureMode::Closed {
-            return unavailable();
+            return self.unavailable(request_id);
         }
         {
             let mut passes = self
@@ -543,20 +529,19 @@ impl Gateway {
             let used = passes.entry((digest, route.prefix.clone())).or_insert(0);
             let price = u32::try_from(route.price).unwrap_or(u32::MAX);
             if used.saturating_add(price) > route.open_budget {
-                return unavailable();
+                return self.unavailable(request_id);
             }
             *used += price;
         }
         metrics::counter!("paygate_gateway_degraded_passes_total", "route" => metrics::SharedString::from(route.label.clone()))
             .increment(1);
-        tracing::warn!(route = %route.prefix, "forwarding without a decision (failure_mode = open)");
-        let forwarding = OwnedForwarding {
-            client_ip: peer.ip(),
-            host: None,
-            customer_id: String::new(),
-            plan_code: String::new(),
-            key_source,
+        if let Some(suppressed) = DEGRADED_PASS.event() {
+            tracing::warn!(route = %route.prefix, suppressed, "forwarding without a decision (failure_mode = open)");
+        }
+        let Some((_, key_source)) = headers::api_key(request.headers()) else {
+            return self.unavailable(request_id);
         };
+        let forwarding = self.forwarding(&request, peer, entitlement, key_source);
         match self.forward(request, route, &forwarding, request_id).await {
             Forwarded::Answer(mut answer) => {
                 answer
@@ -565,22 +550,61 @@ impl Gateway {
                 answer.extensions_mut().insert(FORWARDED);
                 answer
             }
-            Forwarded::Unreachable => self.problem_response(
-                self.problem(Code::UpstreamUnavailable),
-                request_id,
-                Extras::default(),
-            ),
-            Forwarded::TimedOut => self.problem_response(
-                self.problem(Code::UpstreamTimeout),
-                request_id,
-                Extras::default(),
-            ),
-            Forwarded::TooLarge => self.problem_response(
-                self.problem(Code::PayloadTooLarge),
-                request_id,
-                Extras::default(),
-            ),
+            failed => self.forwarding_failure(failed, request_id),
         }
+    }
+
+    /// Returns what the upstream is told about the caller.
+    fn forwarding(
+        &self,
+        request: &Request<Incoming>,
+        peer: SocketAddr,
+        entitlement: &billing_pb::Entitlement,
+        key_source: KeySource,
+    ) -> OwnedForwarding {
+        let address = crate::client_ip::client_address(
+            peer.ip(),
+            request.headers(),
+            &self.file.trusted_proxies,
+        );
+        OwnedForwarding {
+            client_ip: address.client,
+            forwarded_for: address.forwarded_for,
+            host: request
+                .headers()
+                .get(header::HOST)
+                .and_then(|host| host.to_str().ok())
+                .map(str::to_owned),
+            customer_id: entitlement.customer_id.clone(),
+            plan_code: entitlement.plan_code.clone(),
+            key_source,
+        }
+    }
+
+    /// Answers a request the upstream did not answer.
+    fn forwarding_failure(&self, failed: Forwarded, request_id: &str) -> Response<Body> {
+        let code = match failed {
+            Forwarded::Answer(answer) => return answer,
+            Forwarded::Unreachable => Code::UpstreamUnavailable,
+            Forwarded::TimedOut => Code::UpstreamTimeout,
+            Forwarded::TooLarge => Code::PayloadTooLarge,
+            Forwarded::BadClientBody => {
+                let mut refusal = self.problem_response(
+                    self.problem(Code::BadRequest).with_detail(
+                        "The request body's framing was malformed (for example a bad chunk size); it \
+                         was not served and nothing was charged.",
+                    ),
+                    request_id,
+                    Extras::default(),
+                );
+                // The rest of this connection's bytes can no longer be trusted to mean what they seem.
+                refusal
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                return refusal;
+            }
+        };
+        self.problem_response(self.problem(code), request_id, Extras::default())
     }
 
     async fn forward(
@@ -609,6 +633,7 @@ impl Gateway {
             &mut parts.headers,
             &Forwarding {
                 client_ip: forwarding.client_ip,
+                forwarded_for: &forwarding.forwarded_for,
                 host: forwarding.host.as_deref(),
                 customer_id: &forwarding.customer_id,
                 plan_code: &forwarding.plan_code,
@@ -620,13 +645,23 @@ impl Gateway {
         }
         telemetry::traces::inject_into_headers(&telemetry::traces::current(), &mut parts.headers);
         let limit = usize::try_from(self.file.limits.max_body_bytes).unwrap_or(usize::MAX);
-        let body = http_body_util::Limited::new(body, limit).boxed();
+        // Errors of the client's body are told apart from the upstream's: a body that breaks its framing
+        // (or a client that went away mid-body) is the client's fault, not an upstream outage.
+        let body = http_body_util::Limited::new(body.map_err(ClientBodyError), limit).boxed();
         let outgoing = Request::from_parts(parts, body);
         match tokio::time::timeout(route.timeout, self.upstream.request(outgoing)).await {
             Err(_) => Forwarded::TimedOut,
-            Ok(Err(error)) if caused_by_body_limit(&error) => Forwarded::TooLarge,
+            Ok(Err(error)) if caused_by::<http_body_util::LengthLimitError>(&error) => {
+                Forwarded::TooLarge
+            }
+            Ok(Err(error)) if caused_by::<ClientBodyError>(&error) => {
+                tracing::debug!(%error, route = %route.prefix, "client body broke off or broke its framing");
+                Forwarded::BadClientBody
+            }
             Ok(Err(error)) => {
-                tracing::warn!(%error, route = %route.prefix, "upstream request failed");
+                if let Some(suppressed) = UPSTREAM_FAILED.event() {
+                    tracing::warn!(%error, route = %route.prefix, suppressed, "upstream request failed");
+                }
                 Forwarded::Unreachable
             }
             Ok(Ok(answer)) => {
@@ -647,12 +682,19 @@ enum Forwarded {
     TimedOut,
     /// A body without a declared length grew past the limit while it was being forwarded.
     TooLarge,
+    /// The client's body broke its framing (or the client went away) while it was being forwarded.
+    BadClientBody,
 }
 
-fn caused_by_body_limit(error: &(dyn std::error::Error + 'static)) -> bool {
+/// An error reading the client's request body.
+#[derive(Debug, thiserror::Error)]
+#[error("request body: {0}")]
+struct ClientBodyError(hyper::Error);
+
+fn caused_by<E: std::error::Error + 'static>(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut cause = Some(error);
     while let Some(current) = cause {
-        if current.is::<http_body_util::LengthLimitError>() {
+        if current.is::<E>() {
             return true;
         }
         cause = current.source();
@@ -660,9 +702,43 @@ fn caused_by_body_limit(error: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
+/// The units of an admitted request, given back when it ends before it is settled: the client went away
+/// (hyper drops the request's future) or the gateway answered without an upstream answer to charge for.
+struct ChargeGuard<'a> {
+    backends: &'a Backends,
+    customer_id: &'a str,
+    admission_id: &'a str,
+    settled: bool,
+}
+
+impl ChargeGuard<'_> {
+    async fn refund_now(&mut self) {
+        // Settled only once the refund is out of our hands: if this future is dropped meanwhile, the guard
+        // refunds again (refunds are idempotent by request id).
+        self.backends
+            .refund(self.customer_id, self.admission_id)
+            .await;
+        self.settled = true;
+    }
+}
+
+impl Drop for ChargeGuard<'_> {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.backends
+                .refund_later(self.customer_id, self.admission_id);
+        }
+    }
+}
+
+static USAGE_FAILED: LogLimit = LogLimit::new(EVERY_FIVE_SECONDS);
+static UPSTREAM_FAILED: LogLimit = LogLimit::new(EVERY_FIVE_SECONDS);
+static DEGRADED_PASS: LogLimit = LogLimit::new(EVERY_FIVE_SECONDS);
+
 /// `Forwarding` with owned strings, so it can outlive the request it was read from.
 struct OwnedForwarding {
     client_ip: std::net::IpAddr,
+    forwarded_for: String,
     host: Option<String>,
     customer_id: String,
     plan_code: String,
@@ -694,24 +770,54 @@ fn request_id(headers: &HeaderMap) -> String {
         .unwrap_or_else(|| Uuid::new_v4().to_string())
 }
 
-/// Refuses framing a proxy could read differently from the upstream (request smuggling).
-fn check_framing(headers: &HeaderMap) -> Result<(), &'static str> {
+/// Refuses framing a proxy could read differently from the upstream (request smuggling), and transfer
+/// codings other than a single `chunked`, which the gateway would otherwise forward decoded as plain
+/// chunked, silently dropping the coding.
+fn check_framing(headers: &HeaderMap) -> Result<(), (Code, &'static str)> {
+    const TWO_WAYS: &str = "Both Content-Length and Transfer-Encoding were sent; send only one.";
     if headers.contains_key(crate::framing::AMBIGUOUS_MARK) {
-        return Err("Both Content-Length and Transfer-Encoding were sent; send only one.");
+        return Err((Code::BadRequest, TWO_WAYS));
     }
     let lengths: Vec<&HeaderValue> = headers.get_all(header::CONTENT_LENGTH).iter().collect();
     if !lengths.is_empty() && headers.contains_key(header::TRANSFER_ENCODING) {
-        return Err("Both Content-Length and Transfer-Encoding were sent; send only one.");
+        return Err((Code::BadRequest, TWO_WAYS));
     }
     if lengths.len() > 1 {
-        return Err("Content-Length was sent more than once; send it once.");
+        return Err((
+            Code::BadRequest,
+            "Content-Length was sent more than once; send it once.",
+        ));
     }
     if let Some(length) = lengths.first() {
         let valid = length
             .to_str()
             .is_ok_and(|text| !text.is_empty() && text.bytes().all(|byte| byte.is_ascii_digit()));
         if !valid {
-            return Err("Content-Length must be a non-negative integer.");
+            return Err((
+                Code::BadRequest,
+                "Content-Length must be a non-negative integer.",
+            ));
+        }
+    }
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        let mut codings = headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .flat_map(|value| value.as_bytes().split(|&byte| byte == b','))
+            .map(<[u8]>::trim_ascii)
+            .filter(|coding| !coding.is_empty());
+        match (codings.next(), codings.next()) {
+            (Some(only), None) if only.eq_ignore_ascii_case(b"chunked") => {}
+            (None, _) => {
+                return Err((Code::BadRequest, "Transfer-Encoding was sent empty."));
+            }
+            _ => {
+                return Err((
+                    Code::UnsupportedTransferCoding,
+                    "Only `Transfer-Encoding: chunked` is accepted; send compressed bodies with \
+                     Content-Encoding instead.",
+                ));
+            }
         }
     }
     Ok(())
@@ -818,6 +924,29 @@ mod tests {
         assert!(check_framing(&headers(&[("content-length", "+5")])).is_err());
         assert!(check_framing(&headers(&[("content-length", "5")])).is_ok());
         assert!(check_framing(&headers(&[("transfer-encoding", "chunked")])).is_ok());
+        assert!(check_framing(&headers(&[("transfer-encoding", " Chunked ")])).is_ok());
+    }
+
+    #[test]
+    fn a_transfer_coding_other_than_a_single_chunked_is_not_supported() {
+        for codings in [
+            &[("transfer-encoding", "gzip, chunked")][..],
+            &[
+                ("transfer-encoding", "gzip"),
+                ("transfer-encoding", "chunked"),
+            ],
+            &[("transfer-encoding", "chunked, chunked")],
+        ] {
+            assert_eq!(
+                check_framing(&headers(codings)).map_err(|(code, _)| code),
+                Err(Code::UnsupportedTransferCoding),
+                "{codings:?}"
+            );
+        }
+        assert_eq!(
+            check_framing(&headers(&[("transfer-encoding", " , ")])).map_err(|(code, _)| code),
+            Err(Code::BadRequest)
+        );
     }
 
     #[test]

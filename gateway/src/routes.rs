@@ -19,6 +19,14 @@ pub struct RoutesFile {
     /// Where a caller changes plan, shown in 402/403 bodies as `actions.upgrade`.
     #[serde(default)]
     pub upgrade_url: Option<String>,
+    /// How long cached entitlements stay in force while billing or its change stream cannot be reached,
+    /// in milliseconds (0: never); after that, requests of those keys get 503.
+    #[serde(default = "default_entitlements_stale_for_ms")]
+    pub entitlements_stale_for_ms: u64,
+    /// Proxies in front of the gateway (addresses or CIDRs, e.g. `10.0.0.0/8`): a request from one of them
+    /// has its `X-Forwarded-For` extended instead of replaced, and its client address read from it.
+    #[serde(default)]
+    pub trusted_proxies: Vec<crate::client_ip::Cidr>,
     #[serde(default)]
     pub limits: RequestLimits,
     pub routes: Vec<RouteSpec>,
@@ -26,6 +34,17 @@ pub struct RoutesFile {
 
 fn default_problem_base() -> String {
     "/problems".to_owned()
+}
+
+fn default_entitlements_stale_for_ms() -> u64 {
+    30_000
+}
+
+impl RoutesFile {
+    /// Returns how long cached entitlements stay in force while billing cannot be reached.
+    pub fn entitlements_stale_for(&self) -> Duration {
+        Duration::from_millis(self.entitlements_stale_for_ms)
+    }
 }
 
 /// Bounds on what a client may send.
