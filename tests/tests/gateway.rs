@@ -474,6 +474,91 @@ async fn a_chunked_body_is_forwarded_without_a_content_length() {
     assert!(!upstream.seen()[0].contains_key("content-length"));
 }
 
+/// Starts an upstream that reads each request's whole body before answering `200 OK` (or `400` when the
+/// body broke off), so a body the gateway cannot finish is noticed while it is being forwarded.
+async fn spawn_body_reading_upstream() -> integration_tests::Upstream {
+    spawn_upstream(|request| async move {
+        use http_body_util::BodyExt;
+        match request.into_body().collect().await {
+            Ok(received) => Response::new(body(received.to_bytes())),
+            Err(_) => {
+                let mut response = Response::new(body("body broke off"));
+                *response.status_mut() = StatusCode::BAD_REQUEST;
+                response
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_body_that_breaks_chunked_framing_is_400_with_close_and_gives_its_units_back() {
+    let billing = billing_now().await;
+    let usage = spawn_usage(&billing).await;
+    let upstream = spawn_body_reading_upstream().await;
+    let gateway = spawn_gateway(&billing, &usage, &routes(upstream.addr)).await;
+    let customer = customer(&billing, Some(2)).await;
+    let client = http_client();
+    let head = format!(
+        "POST /v1/x HTTP/1.1\r\nHost: a\r\nX-API-Key: {}\r\nTransfer-Encoding: chunked\r\n\r\n",
+        customer.secret
+    );
+
+    let oversized_chunk = raw_exchange(
+        gateway.addr,
+        format!("{head}5\r\nhello\r\nfffffffffffffffffffffff\r\nabc").as_bytes(),
+    )
+    .await;
+    let bare_lf_in_extension = raw_exchange(
+        gateway.addr,
+        format!("{head}5;ext=1\nhello\r\n0\r\n\r\n").as_bytes(),
+    )
+    .await;
+    let key = format!("Bearer {}", customer.secret);
+    let both_units_left = [
+        send(
+            &client,
+            get(&gateway.url("/v1/ok"), &[("authorization", &key)]),
+        )
+        .await,
+        send(
+            &client,
+            get(&gateway.url("/v1/ok"), &[("authorization", &key)]),
+        )
+        .await,
+    ];
+
+    for broken in [&oversized_chunk, &bare_lf_in_extension] {
+        assert_problem(broken, 400, "bad_request");
+        assert_eq!(broken.headers["connection"], "close");
+    }
+    for answer in &both_units_left {
+        assert_eq!(answer.status, StatusCode::OK);
+    }
+}
+
+#[tokio::test]
+async fn a_transfer_coding_besides_chunked_is_501_and_never_forwarded() {
+    let billing = billing_now().await;
+    let usage = spawn_usage(&billing).await;
+    let upstream = spawn_body_reading_upstream().await;
+    let gateway = spawn_gateway(&billing, &usage, &routes(upstream.addr)).await;
+    let customer = customer(&billing, Some(10)).await;
+
+    let answer = raw_exchange(
+        gateway.addr,
+        format!(
+            "POST /v1/x HTTP/1.1\r\nHost: a\r\nX-API-Key: {}\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+            customer.secret
+        )
+        .as_bytes(),
+    )
+    .await;
+
+    assert_problem(&answer, 501, "unsupported_transfer_coding");
+    assert_eq!(upstream.hits(), 0);
+}
+
 #[tokio::test]
 async fn a_body_over_the_limit_is_413_before_it_is_read_and_charges_nothing() {
     let billing = billing_now().await;
@@ -1006,9 +1091,56 @@ async fn headers_the_client_sends_are_not_seen_by_the_upstream_as_sent() {
 }
 
 #[tokio::test]
-async fn an_open_route_passes_a_bounded_number_of_units_marked_degraded_while_billing_is_down() {
+async fn client_address_headers_are_set_by_the_gateway_and_extended_only_behind_trusted_proxies() {
     let billing = billing_now().await;
     let usage = spawn_usage(&billing).await;
+    let upstream = spawn_ok_upstream().await;
+    let direct = spawn_gateway(&billing, &usage, &routes(upstream.addr)).await;
+    let behind_proxy = spawn_gateway(
+        &billing,
+        &usage,
+        &format!(
+            "trusted_proxies = [\"127.0.0.1\"]\n{}",
+            routes(upstream.addr)
+        ),
+    )
+    .await;
+    let customer = customer(&billing, Some(10)).await;
+    let client = http_client();
+    let claims = [
+        ("authorization", format!("Bearer {}", customer.secret)),
+        ("x-forwarded-for", "198.51.100.7".to_owned()),
+        ("x-real-ip", "6.6.6.6".to_owned()),
+        ("true-client-ip", "6.6.6.6".to_owned()),
+        ("x-client-ip", "6.6.6.6".to_owned()),
+        ("cf-connecting-ip", "6.6.6.6".to_owned()),
+    ];
+    let claims: Vec<(&str, &str)> = claims
+        .iter()
+        .map(|(name, value)| (*name, value.as_str()))
+        .collect();
+
+    let from_anyone = send(&client, get(&direct.url("/v1/x"), &claims)).await;
+    let from_proxy = send(&client, get(&behind_proxy.url("/v1/x"), &claims)).await;
+
+    assert_eq!(from_anyone.status, StatusCode::OK);
+    assert_eq!(from_proxy.status, StatusCode::OK);
+    let seen = upstream.seen();
+    for headers in &seen {
+        for gone in ["true-client-ip", "x-client-ip", "cf-connecting-ip"] {
+            assert!(!headers.contains_key(gone), "{gone} reached the upstream");
+        }
+    }
+    assert_eq!(seen[0]["x-real-ip"], "127.0.0.1");
+    assert_eq!(seen[0]["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(seen[1]["x-real-ip"], "198.51.100.7");
+    assert_eq!(seen[1]["x-forwarded-for"], "198.51.100.7, 127.0.0.1");
+}
+
+#[tokio::test]
+async fn an_open_route_passes_a_known_key_a_bounded_number_of_units_marked_degraded_while_usage_is_down()
+ {
+    let billing = billing_now().await;
     let upstream = spawn_ok_upstream().await;
     let tarpit = integration_tests::spawn_tarpit().await;
     let routes = format!(
@@ -1022,7 +1154,7 @@ async fn an_open_route_passes_a_bounded_number_of_units_marked_degraded_while_bi
         "#,
         upstream.addr
     );
-    let gateway = integration_tests::spawn_gateway_at(tarpit.addr, usage.addr, &routes).await;
+    let gateway = integration_tests::spawn_gateway_at(billing.addr, tarpit.addr, &routes).await;
     let customer = customer(&billing, Some(10)).await;
     let client = http_client();
     let key = format!("Bearer {}", customer.secret);
@@ -1044,6 +1176,9 @@ async fn an_open_route_passes_a_bounded_number_of_units_marked_degraded_while_bi
     }
     assert_problem(&answers[2], 503, "billing_unavailable");
     assert_eq!(upstream.hits(), 2);
+    for seen in upstream.seen() {
+        assert_eq!(seen["paygate-customer"], customer.id.as_str());
+    }
 }
 
 #[tokio::test]
