@@ -111,13 +111,15 @@ async fn start_billing(options: PgConnectOptions, addr: SocketAddr) -> (OwnRunti
             service: SERVICE_TOKEN.into(),
         };
         let clock = Arc::new(billing::ManualClock::new(OffsetDateTime::now_utc()));
-        tokio::spawn(billing::serve(
+        let serving = tokio::spawn(billing::serve(
             listener,
             db,
             tokens,
             clock,
             std::future::pending(),
-        ))
+        ));
+        // Held, not awaited: the service runs until its runtime is dropped.
+        (serving,)
     })
     .await;
     (service, told.await.expect("billing bound"))
@@ -141,13 +143,15 @@ async fn start_usage(
             service_token: SERVICE_TOKEN.into(),
             report_interval: Duration::from_millis(100),
         };
-        tokio::spawn(usage::serve(
+        let serving = tokio::spawn(usage::serve(
             listener,
             counters,
             billing,
             settings,
             std::future::pending(),
-        ))
+        ));
+        // Held, not awaited: the service runs until its runtime is dropped.
+        (serving,)
     })
     .await;
     (service, told.await.expect("usage bound"))
