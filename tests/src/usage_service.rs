@@ -16,6 +16,10 @@ pub type UsageClient = usage_client::UsageClient<InterceptedService<Channel, Bea
 /// little.
 pub const TEST_REPORT_INTERVAL: Duration = Duration::from_millis(50);
 
+/// How often in-process usage instances compare credit mirrors with billing's ledger: often, so a test of
+/// a repair waits little (and every other test runs with the sweep busy beside it).
+pub const TEST_RECONCILE_INTERVAL: Duration = Duration::from_millis(200);
+
 /// Returns the URL of the Redis server tests use: `REDIS_URL` when set, otherwise a throwaway server this
 /// test process starts on first use (AOF on, `everysec`, `noeviction`).
 pub async fn redis_url() -> String {
@@ -147,6 +151,7 @@ async fn serve_usage(
     let settings = usage::Settings {
         service_token: SERVICE_TOKEN.into(),
         report_interval,
+        reconcile_interval: TEST_RECONCILE_INTERVAL,
     };
     let shutdown = async move {
         let _ = stopped.await;
