@@ -26,13 +26,7 @@ pub async fn redis_url() -> String {
     if let Ok(url) = std::env::var("REDIS_URL") {
         return url;
     }
-    let port = match tokio::task::spawn_blocking(|| crate::redis_server::server().port).await {
-        Ok(port) => port,
-        Err(error) => match error.try_into_panic() {
-            Ok(panic) => std::panic::resume_unwind(panic),
-            Err(error) => panic!("starting redis was cancelled: {error}"),
-        },
-    };
+    let port = crate::run_blocking("starting redis", || crate::redis_server::server().port).await;
     format!("redis://127.0.0.1:{port}")
 }
 
@@ -45,17 +39,10 @@ pub struct ExtraRedis {
 
 /// Starts a Redis server of the test's own with `settings` (for example `["--appendonly", "no"]`).
 pub async fn start_extra_redis(settings: &'static [&'static str]) -> ExtraRedis {
-    let server = match tokio::task::spawn_blocking(move || {
+    let server = crate::run_blocking("starting redis", move || {
         crate::redis_server::start_with(settings)
     })
-    .await
-    {
-        Ok(server) => server,
-        Err(error) => match error.try_into_panic() {
-            Ok(panic) => std::panic::resume_unwind(panic),
-            Err(error) => panic!("starting redis was cancelled: {error}"),
-        },
-    };
+    .await;
     ExtraRedis {
         url: format!("redis://127.0.0.1:{}", server.port),
         _server: server,
