@@ -4,8 +4,9 @@
 use std::time::Duration;
 
 use integration_tests::{
-    BillingInstance, SERVICE_TOKEN, UsageClient, UsageInstance, customer_request, fresh_database,
-    plan_request, redis_connection, spawn_billing, spawn_usage,
+    BillingInstance, RestartableRedis, SERVICE_TOKEN, TEST_REPORT_INTERVAL, UsageClient,
+    UsageInstance, customer_request, fresh_database, plan_request, redis_connection, spawn_billing,
+    spawn_restartable_redis, spawn_usage, unique_prefix,
 };
 use prost_types::Timestamp;
 use proto::{
@@ -15,7 +16,7 @@ use proto::{
     },
     usage::v1::{AdmitRequest, Decision, GetUsageRequest},
 };
-use tokio::task::JoinSet;
+use tokio::{net::TcpListener, sync::oneshot, task::JoinSet};
 use usage::{counters::Reconciled, reconcile::Reconciler};
 use uuid::Uuid;
 
@@ -284,4 +285,223 @@ async fn concurrent_admissions_and_reports_never_look_like_a_mirror_to_repair() 
     );
     assert_eq!(admitted, 400);
     assert_eq!(settled, (0, 0));
+}
+
+/// A usage instance on a Redis of the test's own; it runs until dropped.
+struct UsageOnRedis {
+    client: UsageClient,
+    counters: usage::Counters,
+    _stop: oneshot::Sender<()>,
+}
+
+async fn spawn_usage_on(
+    billing: &BillingInstance,
+    redis_url: &str,
+    prefix: &str,
+    report_interval: Duration,
+    reconcile_interval: Duration,
+) -> UsageOnRedis {
+    let connection = usage::connect_redis(redis_url).await.expect("redis");
+    let counters = usage::Counters::new(connection, usage::Keys::new(prefix))
+        .await
+        .expect("scripts");
+    let billing_client = usage::billing_client(&format!("http://{}", billing.addr), SERVICE_TOKEN)
+        .expect("billing client");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("address");
+    let (stop, stopped) = oneshot::channel::<()>();
+    let settings = usage::Settings {
+        service_token: SERVICE_TOKEN.into(),
+        report_interval,
+        reconcile_interval,
+    };
+    tokio::spawn(usage::serve(
+        listener,
+        counters.clone(),
+        billing_client,
+        settings,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect to usage");
+    UsageOnRedis {
+        client: proto::usage::v1::usage_client::UsageClient::with_interceptor(
+            channel,
+            integration_tests::BearerToken::new(Some(SERVICE_TOKEN)),
+        ),
+        counters,
+        _stop: stop,
+    }
+}
+
+/// Returns an append-only file length that holds every write Redis made before this call: a crash cut
+/// back to it loses only what comes after.
+async fn aof_cut_point(redis: &RestartableRedis) -> u64 {
+    let before = redis.aof_len();
+    let mut connection = usage::connect_redis(&redis.url()).await.expect("redis");
+    let _: () = redis::cmd("SET")
+        .arg(format!("marker-{}", Uuid::new_v4()))
+        .arg(1)
+        .query_async(&mut connection)
+        .await
+        .expect("set");
+    redis.wait_until_aof_longer_than(before).await
+}
+
+async fn crash_back_to(redis: &mut RestartableRedis, cut: u64) {
+    redis.kill().await;
+    redis.truncate_aof_to(cut);
+    redis.start().await;
+}
+
+/// Reads the mirror straight from Redis: spendable credits, and credits in the open outbox.
+async fn raw_mirror(redis: &RestartableRedis, prefix: &str, spender: &Spender) -> (i64, i64) {
+    let keys = usage::Keys::new(prefix);
+    let mut connection = usage::connect_redis(&redis.url()).await.expect("redis");
+    let spendable: i64 = redis::cmd("HGET")
+        .arg(keys.credits(spender.customer()))
+        .arg("b")
+        .query_async(&mut connection)
+        .await
+        .expect("hget");
+    let open: Vec<(String, i64)> = redis::cmd("HGETALL")
+        .arg(keys.outbox(spender.customer()))
+        .query_async(&mut connection)
+        .await
+        .expect("hgetall");
+    let open_credits = open
+        .iter()
+        .filter(|(field, _)| field.starts_with("c|"))
+        .map(|(_, credits)| credits)
+        .sum();
+    (spendable, open_credits)
+}
+
+async fn admit_all(client: &mut UsageClient, spender: &Spender, tag: &str, count: usize) {
+    for index in 0..count {
+        let answer = client
+            .admit(spender.admit(&format!("{tag}-{index}")))
+            .await
+            .expect("admit")
+            .into_inner();
+        assert_eq!(
+            answer.decision(),
+            Decision::Admitted,
+            "request {tag}-{index}"
+        );
+    }
+}
+
+const LONG: Duration = Duration::from_secs(3_600);
+const SHORT: Duration = Duration::from_millis(200);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn after_redis_loses_reported_spending_the_mirror_is_reloaded_and_no_credit_is_spent_twice() {
+    let mut redis = spawn_restartable_redis(&[]).await;
+    let billing = spawn_billing(fresh_database().await).await;
+    let prefix = unique_prefix();
+    let mut first =
+        spawn_usage_on(&billing, &redis.url(), &prefix, TEST_REPORT_INTERVAL, LONG).await;
+    let spender = spender(&billing, 100 * PRICE).await;
+    admit_all(&mut first.client, &spender, "kept", 20).await;
+    assert_eq!(
+        settled(&mut first.client, &billing, &spender).await,
+        (80 * PRICE, 80 * PRICE)
+    );
+    let cut = aof_cut_point(&redis).await;
+    admit_all(&mut first.client, &spender, "lost", 30).await;
+    assert_eq!(
+        settled(&mut first.client, &billing, &spender).await,
+        (50 * PRICE, 50 * PRICE)
+    );
+
+    crash_back_to(&mut redis, cut).await;
+    let mirror_after_crash = raw_mirror(&redis, &prefix, &spender).await;
+    let mut second =
+        spawn_usage_on(&billing, &redis.url(), &prefix, TEST_REPORT_INTERVAL, SHORT).await;
+    let reconciled = settled(&mut second.client, &billing, &spender).await;
+    let admitted_afterwards = spend_everything(&mut second.client, &spender, "after").await;
+    let (_, ledger_at_the_end) = settled(&mut second.client, &billing, &spender).await;
+
+    assert_eq!(
+        mirror_after_crash,
+        (80 * PRICE, 0),
+        "the crash lost reported spending"
+    );
+    assert_eq!(reconciled, (50 * PRICE, 50 * PRICE));
+    assert_eq!(admitted_afterwards, 50);
+    assert_eq!(ledger_at_the_end, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn spending_whose_seal_redis_lost_after_billing_charged_it_is_not_charged_again() {
+    let mut redis = spawn_restartable_redis(&[]).await;
+    let billing = spawn_billing(fresh_database().await).await;
+    let prefix = unique_prefix();
+    let mut first = spawn_usage_on(&billing, &redis.url(), &prefix, LONG, LONG).await;
+    let spender = spender(&billing, 100 * PRICE).await;
+    admit_all(&mut first.client, &spender, "kept", 30).await;
+    let cut = aof_cut_point(&redis).await;
+    // What the reporter does, by hand, so it happens after the cut point.
+    let sealed = first
+        .counters
+        .seal(spender.customer())
+        .await
+        .expect("seal")
+        .expect("spending");
+    let answer = billing
+        .entitlements()
+        .await
+        .report_usage(ReportUsageRequest {
+            report_id: Uuid::new_v4().to_string(),
+            entries: sealed
+                .spend
+                .iter()
+                .map(|spend| UsageEntry {
+                    entry_id: format!(
+                        "{}:{}:{}",
+                        sealed.id, spend.subscription, spend.period_start_ms
+                    ),
+                    customer_id: spender.customer_id.clone(),
+                    subscription_id: spend.subscription.to_string(),
+                    period_start: Some(spender.period_start),
+                    units: spend.units,
+                    credits_micros: spend.credits_micros,
+                    outbox_sequence: sealed.sequence,
+                })
+                .collect(),
+        })
+        .await
+        .expect("report")
+        .into_inner();
+    let billed = answer.outbox_sequences[&spender.customer_id];
+    first
+        .counters
+        .acknowledge(spender.customer(), &sealed.id, billed)
+        .await
+        .expect("ack");
+    let ledger_before_crash = ledger_balance(&billing, &spender).await;
+
+    crash_back_to(&mut redis, cut).await;
+    let unsealed_after_crash = raw_mirror(&redis, &prefix, &spender).await;
+    let mut second =
+        spawn_usage_on(&billing, &redis.url(), &prefix, TEST_REPORT_INTERVAL, SHORT).await;
+    let reconciled = settled(&mut second.client, &billing, &spender).await;
+    let admitted_afterwards = spend_everything(&mut second.client, &spender, "after").await;
+    let (_, ledger_at_the_end) = settled(&mut second.client, &billing, &spender).await;
+
+    assert_eq!(ledger_before_crash, 70 * PRICE);
+    assert_eq!(
+        unsealed_after_crash,
+        (70 * PRICE, 30 * PRICE),
+        "the crash lost the seal, not the spending"
+    );
+    assert_eq!(reconciled, (70 * PRICE, 70 * PRICE));
+    assert_eq!(admitted_afterwards, 70);
+    assert_eq!(ledger_at_the_end, 0);
 }

@@ -4,7 +4,12 @@
 -- taken after `version` was read; any change since that the snapshot may not show (a credit change from
 -- billing's feed, an acknowledged report, a load or another repair) moved `v`, and the call is refused
 -- so the caller takes a new snapshot. Admissions, refunds and seals move spending between the balance and
--- the outboxes and need no retry. Also catches the outbox number up with billing's.
+-- the outboxes and need no retry.
+-- Billing applies an outbox only when its number is above the last it applied. So when Redis's outbox
+-- number is behind billing's (Redis lost a seal), the open outbox will be sealed under a number billing
+-- skips: it may hold spending billing has charged already (the lost seal's), and the rest is not charged,
+-- in the customer's favour; either way it is not subtracted. Once a sealed outbox is acknowledged, the
+-- acknowledgement lifts the number past billing's, and what is sealed after that is charged.
 -- KEYS: 1 credits (hash b, s, n, v)  2 outbox  3 sealed
 -- ARGV: 1 version read before the snapshot  2 ledger balance  3 feed sequence of the snapshot
 --       4 last outbox number billing applied
@@ -13,10 +18,16 @@
 --   behind: 1 when billing's outbox number was ahead of Redis's (Redis lost writes)
 local state = redis.call('HMGET', KEYS[1], 'b', 'v', 'n')
 local billed = tonumber(ARGV[4])
+local numbered = tonumber(state[3] or '0')
 local behind = 0
-if billed > tonumber(state[3] or '0') then
-  redis.call('HSET', KEYS[1], 'n', ARGV[4])
+if numbered < billed then
   behind = 1
+end
+local open = redis.call('HGETALL', KEYS[2])
+local sealed = redis.call('HGETALL', KEYS[3])
+if behind == 1 and #open == 0 and #sealed == 0 then
+  -- Nothing is waiting for a number: the next outbox can take one billing will apply.
+  redis.call('HSET', KEYS[1], 'n', ARGV[4])
 end
 if not state[1] then
   return {2, -1, -1, behind}
@@ -35,8 +46,7 @@ local function credits_in(fields)
   return total
 end
 
-local unreported = credits_in(redis.call('HGETALL', KEYS[2]))
-local sealed = redis.call('HGETALL', KEYS[3])
+local unreported = 0
 if #sealed > 0 then
   local number = nil
   for index = 1, #sealed, 2 do
@@ -51,6 +61,11 @@ if #sealed > 0 then
   if number > billed then
     unreported = unreported + credits_in(sealed)
   end
+end
+-- With a sealed outbox in flight, the open one is sealed after its acknowledgement, under a number
+-- billing applies.
+if #sealed > 0 or behind == 0 then
+  unreported = unreported + credits_in(open)
 end
 
 local balance = tonumber(state[1])
