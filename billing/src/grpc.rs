@@ -1552,8 +1552,26 @@ async fn issue_key(
     Ok((row, minted.secret))
 }
 
-/// Reads the balance and the feed sequence in one snapshot, so a credit change is either in the balance or
-/// after the sequence, never both or neither.
+/// Returns the last applied usage outbox sequence of each of `customers`, keyed by customer id.
+async fn read_outbox_sequences(
+    db: impl sqlx::PgExecutor<'_>,
+    customers: &[Uuid],
+) -> Result<std::collections::HashMap<String, i64>> {
+    if customers.is_empty() {
+        return Ok(std::collections::HashMap::new());
+    }
+    let mut sequences: std::collections::HashMap<String, i64> = customers
+        .iter()
+        .map(|customer| (customer.to_string(), 0))
+        .collect();
+    for (customer, sequence) in store::usage_outbox_sequences(db, customers).await? {
+        sequences.insert(customer.to_string(), sequence);
+    }
+    Ok(sequences)
+}
+
+/// Reads the balance, the feed sequence and the last applied usage outbox in one snapshot, so a credit
+/// change is either in the balance or after the sequence, never both or neither, and likewise an outbox.
 async fn read_balance(db: &PgPool, id: CustomerId) -> Result<pb::CreditBalance> {
     let mut tx = db.begin().await?;
     sqlx::query!("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
@@ -1564,12 +1582,14 @@ async fn read_balance(db: &PgPool, id: CustomerId) -> Result<pb::CreditBalance> 
         .ok_or(BillingError::NotFound("customer"))?;
     let balance = store::credit_balance(&mut *tx, id).await?;
     let (sequence, _) = store::change_feed_bounds(&mut *tx).await?;
+    let outbox_sequence = store::usage_outbox_sequence(&mut *tx, id).await?;
     tx.commit().await?;
     Ok(pb::CreditBalance {
         customer_id: id.to_string(),
         balance_micros: balance,
         currency: customer.currency,
         as_of_sequence: sequence,
+        outbox_sequence,
     })
 }
 
@@ -1738,6 +1758,12 @@ impl pb::entitlements_server::Entitlements for EntitlementsApi {
                 ))
                 .into());
             }
+            if entry.outbox_sequence < 0 {
+                return Err(BillingError::InvalidArgument(
+                    "`outbox_sequence` must not be negative".to_owned(),
+                )
+                .into());
+            }
             canonical.extend([
                 entry.entry_id.clone(),
                 entry.customer_id.clone(),
@@ -1746,6 +1772,11 @@ impl pb::entitlements_server::Entitlements for EntitlementsApi {
                 entry.units.to_string(),
                 entry.credits_micros.to_string(),
             ]);
+            // Unnumbered entries keep the digest they always had, so a report resent across an upgrade
+            // is still recognised.
+            if entry.outbox_sequence > 0 {
+                canonical.push(entry.outbox_sequence.to_string());
+            }
             entries.push((
                 entry.entry_id.as_str(),
                 customer,
@@ -1753,14 +1784,25 @@ impl pb::entitlements_server::Entitlements for EntitlementsApi {
                 period_start,
                 entry.units,
                 entry.credits_micros,
+                entry.outbox_sequence,
             ));
         }
+        let numbered: Vec<Uuid> = entries
+            .iter()
+            .filter(|entry| entry.6 > 0)
+            .map(|entry| entry.1.as_uuid())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
         let digest = request_digest(&canonical.iter().map(String::as_str).collect::<Vec<_>>());
-        let replay = |existing: Vec<u8>| -> Result<Response<pb::ReportUsageResponse>, Status> {
+        let replay = |existing: Vec<u8>,
+                      outbox_sequences|
+         -> Result<Response<pb::ReportUsageResponse>, Status> {
             if existing == digest {
                 Ok(Response::new(pb::ReportUsageResponse {
                     duplicate: true,
                     applied_entries: 0,
+                    outbox_sequences,
                 }))
             } else {
                 Err(BillingError::AlreadyExists(format!(
@@ -1774,7 +1816,8 @@ impl pb::entitlements_server::Entitlements for EntitlementsApi {
             .await
             .map_err(BillingError::from)?
         {
-            return replay(existing);
+            let sequences = read_outbox_sequences(&self.state.db, &numbered).await?;
+            return replay(existing, sequences);
         }
 
         let mut tx = self.state.db.begin().await.map_err(BillingError::from)?;
@@ -1787,10 +1830,44 @@ impl pb::entitlements_server::Entitlements for EntitlementsApi {
                 .await
                 .map_err(BillingError::from)?
                 .ok_or(BillingError::NotFound("usage report"))?;
-            return replay(existing);
+            let sequences = read_outbox_sequences(&self.state.db, &numbered).await?;
+            return replay(existing, sequences);
         }
+        // Charges are capped at the balance, so the balance must not move under them: customers are
+        // locked in one order (every transaction locks customers first), which also serialises the
+        // outbox-sequence checks of replicas reporting one customer at once.
+        let charged: std::collections::BTreeSet<Uuid> = entries
+            .iter()
+            .filter(|entry| entry.5 > 0)
+            .map(|entry| entry.1.as_uuid())
+            .collect();
+        for &customer in &charged {
+            store::lock_customer(&mut *tx, customer.into())
+                .await
+                .map_err(BillingError::from)?;
+        }
+        let mut outbox_applies = std::collections::HashMap::new();
         let mut applied_entries = 0;
-        for (entry_id, customer, subscription, period_start, units, credits) in entries {
+        for (entry_id, customer, subscription, period_start, units, credits, outbox) in entries {
+            if outbox > 0 {
+                let applies = match outbox_applies.get(&(customer, outbox)) {
+                    Some(&applies) => applies,
+                    None => {
+                        let applies =
+                            store::advance_usage_outbox_sequence(&mut *tx, customer, outbox)
+                                .await
+                                .map_err(BillingError::from)?;
+                        if !applies {
+                            tracing::debug!(customer_id = %customer, outbox, "usage outbox applied before or stale; skipped");
+                        }
+                        outbox_applies.insert((customer, outbox), applies);
+                        applies
+                    }
+                };
+                if !applies {
+                    continue;
+                }
+            }
             if !store::insert_usage_entry(&mut *tx, entry_id, &report.report_id)
                 .await
                 .map_err(BillingError::from)?
@@ -1808,6 +1885,17 @@ impl pb::entitlements_server::Entitlements for EntitlementsApi {
                 ))
                 .into());
             }
+            let credits = if credits > 0 {
+                let balance = store::credit_balance(&mut *tx, customer)
+                    .await
+                    .map_err(BillingError::from)?;
+                if credits > balance {
+                    tracing::warn!(customer_id = %customer, credits, balance, "usage charge exceeds the balance; charging the balance");
+                }
+                credits.min(balance.max(0))
+            } else {
+                credits
+            };
             store::add_usage_totals(&mut *tx, subscription, period_start, units, credits)
                 .await
                 .map_err(BillingError::from)?;
@@ -1824,10 +1912,12 @@ impl pb::entitlements_server::Entitlements for EntitlementsApi {
                     })?;
             }
         }
+        let outbox_sequences = read_outbox_sequences(&mut *tx, &numbered).await?;
         tx.commit().await.map_err(BillingError::from)?;
         Ok(Response::new(pb::ReportUsageResponse {
             duplicate: false,
             applied_entries,
+            outbox_sequences,
         }))
     }
 

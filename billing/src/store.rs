@@ -734,6 +734,56 @@ pub async fn insert_usage_entry(
     Ok(inserted.rows_affected() == 1)
 }
 
+/// Records `sequence` as the customer's last applied usage outbox if it is greater than the one recorded;
+/// `false` (nothing changes) when it is not, i.e. that outbox, or a later one, was applied before.
+pub async fn advance_usage_outbox_sequence(
+    db: impl PgExecutor<'_>,
+    customer: CustomerId,
+    sequence: i64,
+) -> sqlx::Result<bool> {
+    let advanced = sqlx::query!(
+        r#"INSERT INTO usage_outbox_sequences AS current (customer_id, outbox_sequence) VALUES ($1, $2)
+           ON CONFLICT (customer_id) DO UPDATE SET outbox_sequence = EXCLUDED.outbox_sequence, updated_at = now()
+           WHERE current.outbox_sequence < EXCLUDED.outbox_sequence"#,
+        customer.as_uuid(),
+        sequence,
+    )
+    .execute(db)
+    .await?;
+    Ok(advanced.rows_affected() == 1)
+}
+
+/// Returns the customer's last applied usage outbox sequence (0 when none was numbered).
+pub async fn usage_outbox_sequence(
+    db: impl PgExecutor<'_>,
+    customer: CustomerId,
+) -> sqlx::Result<i64> {
+    let sequence = sqlx::query_scalar!(
+        r#"SELECT outbox_sequence FROM usage_outbox_sequences WHERE customer_id = $1"#,
+        customer.as_uuid(),
+    )
+    .fetch_optional(db)
+    .await?;
+    Ok(sequence.unwrap_or(0))
+}
+
+/// Returns the last applied usage outbox sequence of each of `customers` that has one.
+pub async fn usage_outbox_sequences(
+    db: impl PgExecutor<'_>,
+    customers: &[Uuid],
+) -> sqlx::Result<Vec<(Uuid, i64)>> {
+    let rows = sqlx::query!(
+        r#"SELECT customer_id, outbox_sequence FROM usage_outbox_sequences WHERE customer_id = ANY($1)"#,
+        customers,
+    )
+    .fetch_all(db)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|row| (row.customer_id, row.outbox_sequence))
+        .collect())
+}
+
 /// Returns the content digest of an applied usage report, or `None` when the id is new.
 pub async fn usage_report_digest(
     db: impl PgExecutor<'_>,

@@ -2,8 +2,11 @@
 //! services in-process on port 0, and authenticated gRPC clients for them.
 //!
 //! Layout:
-//! - `postgres`: the throwaway PostgreSQL cluster a test process starts when `DATABASE_URL` is unset
-//! - `redis_server`: the throwaway Redis server a test process starts when `REDIS_URL` is unset
+//! - `postgres`: the throwaway PostgreSQL cluster a test process starts when `DATABASE_URL` is unset, and
+//!   clusters of a test's own that it can crash and restart
+//! - `redis_server`: the throwaway Redis server a test process starts when `REDIS_URL` is unset, and
+//!   servers of a test's own that it can kill and restart
+//! - `supervisor`: the shell that runs, signals, restarts and finally cleans up those servers
 //! - `usage_service`: the usage service in-process, its clients and counters
 //! - `gateway_service`: the gateway in-process, a scriptable upstream and an HTTP client
 //! - this file: `fresh_database`, `spawn_billing`, the clients and small request builders
@@ -11,7 +14,11 @@
 mod gateway_service;
 mod postgres;
 mod redis_server;
+mod supervisor;
 mod usage_service;
+
+pub use postgres::{RestartablePostgres, spawn_restartable_postgres};
+pub use redis_server::{RestartableRedis, spawn_restartable_redis};
 
 pub use gateway_service::{
     Answer, GatewayInstance, TEST_BACKEND_DEADLINE, Tarpit, Upstream, UpstreamBody, body, get,
@@ -94,8 +101,14 @@ pub async fn empty_database_url() -> String {
 /// Creates `<prefix>_<uuid>` on the test server; returns the server's options and the name.
 async fn create_database(prefix: &str) -> (PgConnectOptions, String) {
     let server = server_options().await;
+    let name = create_database_on(&server, prefix).await;
+    (server, name)
+}
+
+/// Creates `<prefix>_<uuid>` on `server`; returns the name.
+async fn create_database_on(server: &PgConnectOptions, prefix: &str) -> String {
     let name = format!("{prefix}_{}", Uuid::new_v4().simple());
-    let mut maintenance = PgConnection::connect_with(&server)
+    let mut maintenance = PgConnection::connect_with(server)
         .await
         .unwrap_or_else(|error| panic!("failed to connect to PostgreSQL: {error}"));
     sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {name}")))
@@ -103,7 +116,7 @@ async fn create_database(prefix: &str) -> (PgConnectOptions, String) {
         .await
         .unwrap_or_else(|error| panic!("failed to create database `{name}`: {error}"));
     let _ = maintenance.close().await;
-    (server, name)
+    name
 }
 
 async fn server_options() -> PgConnectOptions {
@@ -112,16 +125,23 @@ async fn server_options() -> PgConnectOptions {
             .parse()
             .unwrap_or_else(|error| panic!("DATABASE_URL is not a PostgreSQL URL: {error}"));
     }
-    let port = match tokio::task::spawn_blocking(|| postgres::cluster().port).await {
-        Ok(port) => port,
+    let port = run_blocking("starting PostgreSQL", || postgres::cluster().port).await;
+    postgres::server_options(port)
+}
+
+/// Runs `work` (which blocks, for example starting a server) on the blocking pool; its panic becomes the
+/// caller's.
+async fn run_blocking<T: Send + 'static>(
+    what: &str,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(value) => value,
         Err(error) => match error.try_into_panic() {
             Ok(panic) => std::panic::resume_unwind(panic),
-            Err(error) => panic!("starting PostgreSQL was cancelled: {error}"),
+            Err(error) => panic!("{what} was cancelled: {error}"),
         },
-    };
-    format!("postgres://postgres@127.0.0.1:{port}/postgres?sslmode=disable")
-        .parse()
-        .expect("a valid PostgreSQL URL")
+    }
 }
 
 fn init_test_logging() {

@@ -1,64 +1,39 @@
 //! A throwaway PostgreSQL cluster per test process, copied from an `initdb` template made once per machine.
 //!
 //! `initdb` takes seconds, so it runs once into a template directory under the temp dir (guarded by a lock
-//! file, marked complete when done). Each test process copies the template, starts `postgres` on a free port
-//! and keeps the stdin pipe of a small wrapper shell open; when the process exits, however it exits, the
-//! pipe closes and the wrapper stops postgres and deletes the copy. No `unsafe`, no signals from Rust.
+//! file, marked complete when done). Each test process copies the template and starts `postgres` on a free
+//! port under a supervising shell (`supervisor`): when the process exits, however it exits, the shell stops
+//! postgres and deletes the copy. A test may also start a cluster of its own that it can crash and start
+//! again on the same port (`RestartablePostgres`).
 
 use std::{
     fs::{self, File},
-    io::{BufRead, BufReader},
     net::TcpListener,
     os::unix::fs::chown,
     path::{Path, PathBuf},
-    process::{ChildStdin, Command, Stdio},
+    process::Command,
     sync::OnceLock,
-    thread,
+    time::{Duration, Instant},
 };
 
+use sqlx::{Connection, PgConnection, postgres::PgConnectOptions};
 use uuid::Uuid;
+
+use crate::supervisor::Supervisor;
 
 /// Bump when the template's contents or initdb flags change, so stale templates are not reused.
 const TEMPLATE_NAME: &str = "paygate-pg-template-v2";
-/// Printed by the wrapper when postgres exits; never printed by postgres itself.
-const EXITED_SENTINEL: &str = "paygate-harness: postgres exited";
+/// What postgres prints once it has recovered and listens.
+const READY: &str = "ready to accept connections";
 /// A port picked by binding port 0 can be taken by someone else before postgres binds it; then we retry.
 const START_ATTEMPTS: usize = 5;
 const MISSING_BINARIES: &str = "PostgreSQL server binaries not found (initdb, postgres): install postgresql-15 or set DATABASE_URL";
-
-// `$1` is the data directory, `$2` the template, the rest the postgres command line.
-// - The copy happens in here, so a test process killed while copying leaves nothing behind. `cp -a` keeps
-//   the owner (postgres, when we are root) and the 0700 mode postgres insists on.
-// - fd 3 keeps our stdin for the watcher, because an asynchronous list's own stdin is /dev/null.
-// - The watcher stops postgres through its pid file: under runuser, `$!` is runuser, which ignores SIGINT
-//   here. TERM is the fallback for a postgres that has not written its pid file yet.
-// - SIGPIPE is ignored (and inherited as ignored): once the test process is gone, every write to its
-//   stderr pipe would otherwise kill the writer before the cleanup.
-const WRAPPER_SCRIPT: &str = r#"
-trap '' PIPE
-dir=$1
-template=$2
-shift 2
-exec 3<&0
-if ! cp -a "$template" "$dir"; then
-    rm -rf "$dir"
-    echo "paygate-harness: postgres exited" >&2
-    exit 1
-fi
-"$@" 3<&- </dev/null &
-pid=$!
-{ read -r _ignored <&3; kill -INT "$(head -n 1 "$dir/postmaster.pid")" || kill -TERM "$pid"; } 2>/dev/null &
-wait "$pid"
-rm -rf "$dir"
-echo "paygate-harness: postgres exited" >&2
-"#;
 
 /// A running cluster, reachable at `127.0.0.1:port` as user `postgres` without a password. It stops when
 /// the test process exits.
 pub(crate) struct Cluster {
     pub(crate) port: u16,
-    // Never written to: its only job is to close when the process exits.
-    _stop_on_exit: ChildStdin,
+    _supervisor: Supervisor,
 }
 
 /// Returns this process's cluster, starting it on first use. Blocks; panics with one line when PostgreSQL
@@ -69,14 +44,24 @@ pub(crate) fn cluster() -> &'static Cluster {
 }
 
 fn start_cluster() -> Cluster {
+    let (port, supervisor) = start_attempts(&[]);
+    Cluster {
+        port,
+        _supervisor: supervisor,
+    }
+}
+
+/// Starts a cluster copied from the template on a free port with `settings` (`-c name=value` pairs after
+/// ours: the last one wins), retrying when the port was taken meanwhile.
+fn start_attempts(settings: &[&str]) -> (u16, Supervisor) {
     let binaries = Binaries::find();
     let user = RunAs::detect();
     let mut last_error = String::new();
     for _ in 0..START_ATTEMPTS {
         // Shared while copying, so no other process rebuilds the template under the copy.
         let (template, _shared_lock) = ensure_template(&binaries, &user);
-        match start_postgres(&binaries, &user, &template) {
-            Ok(cluster) => return cluster,
+        match start_postgres(&binaries, &user, &template, settings) {
+            Ok(started) => return started,
             Err(error) => last_error = error,
         }
     }
@@ -240,7 +225,12 @@ fn run_initdb(binaries: &Binaries, user: &RunAs, root: &Path, data: &Path) {
 
 /// Copies the template, starts postgres on a free port and waits until it accepts connections. `Err` holds
 /// postgres's last words when it exited instead (typically: the port was taken meanwhile).
-fn start_postgres(binaries: &Binaries, user: &RunAs, template: &Path) -> Result<Cluster, String> {
+fn start_postgres(
+    binaries: &Binaries,
+    user: &RunAs,
+    template: &Path,
+    settings: &[&str],
+) -> Result<(u16, Supervisor), String> {
     let dir = std::env::temp_dir().join(format!("paygate-pg-{}", Uuid::new_v4().simple()));
     let port = free_port();
 
@@ -261,43 +251,17 @@ fn start_postgres(binaries: &Binaries, user: &RunAs, template: &Path) -> Result<
             "-c",
             "full_page_writes=off",
         ])
-        .args(["-c", "max_connections=200"]);
-    let mut wrapper = Command::new("sh")
-        .arg("-c")
-        .arg(WRAPPER_SCRIPT)
-        .arg("sh")
-        .arg(&dir)
-        .arg(template)
-        .arg(postgres.get_program())
-        .args(postgres.get_args())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|error| panic!("failed to start sh for postgres: {error}"));
-    let stop_on_exit = wrapper.stdin.take().expect("stdin is piped");
-    let stderr = wrapper.stderr.take().expect("stderr is piped");
-
-    let mut lines = BufReader::new(stderr).lines();
-    let mut last_line = String::from("postgres printed nothing");
-    loop {
-        match lines.next() {
-            Some(Ok(line)) if line.contains("ready to accept connections") => break,
-            Some(Ok(line)) if line != EXITED_SENTINEL => last_line = line,
-            _ => {
-                drop(stop_on_exit);
-                let _ = wrapper.wait();
-                return Err(last_line);
-            }
+        .args(["-c", "max_connections=200"])
+        .args(settings);
+    let mut supervisor =
+        Supervisor::spawn(&postgres, &dir, Some(template), &dir.join("postmaster.pid"));
+    match supervisor.start_blocking(READY) {
+        Ok(()) => Ok((port, supervisor)),
+        Err(error) => {
+            supervisor.stop_and_remove_blocking();
+            Err(error)
         }
     }
-
-    // postgres logs to this pipe for as long as it runs; an unread pipe would fill and stall it.
-    thread::spawn(move || lines.for_each(drop));
-    Ok(Cluster {
-        port,
-        _stop_on_exit: stop_on_exit,
-    })
 }
 
 fn free_port() -> u16 {
@@ -305,4 +269,100 @@ fn free_port() -> u16 {
         .and_then(|listener| listener.local_addr())
         .map(|addr| addr.port())
         .unwrap_or_else(|error| panic!("failed to find a free port: {error}"))
+}
+
+/// A PostgreSQL cluster of a test's own that the test can crash or stop and start again on the same port
+/// with the same data, to play an outage. Its directory is deleted when it is dropped or the test process
+/// exits.
+pub struct RestartablePostgres {
+    port: u16,
+    database_url: String,
+    running: bool,
+    supervisor: Supervisor,
+}
+
+/// Starts a cluster of the test's own (copied from the shared template) with a fresh database migrated with
+/// `billing::MIGRATOR`. Panics with one line when PostgreSQL is missing or cannot start.
+pub async fn spawn_restartable_postgres() -> RestartablePostgres {
+    crate::init_test_logging();
+    // A crash must keep what was committed, as a real deployment does; fsync stays off because the
+    // operating system survives the crash.
+    let (port, supervisor) = crate::run_blocking("starting PostgreSQL", || {
+        start_attempts(&["-c", "synchronous_commit=on"])
+    })
+    .await;
+    let server = server_options(port);
+    let name = crate::create_database_on(&server, "test").await;
+    let database_url = format!("postgres://postgres@127.0.0.1:{port}/{name}?sslmode=disable");
+    let mut connection = PgConnection::connect_with(&server.database(&name))
+        .await
+        .unwrap_or_else(|error| panic!("failed to connect to database `{name}`: {error}"));
+    billing::MIGRATOR
+        .run(&mut connection)
+        .await
+        .unwrap_or_else(|error| panic!("failed to migrate database `{name}`: {error}"));
+    let _ = connection.close().await;
+    RestartablePostgres {
+        port,
+        database_url,
+        running: true,
+        supervisor,
+    }
+}
+
+impl RestartablePostgres {
+    /// Returns the URL of its migrated database; the same across restarts.
+    pub fn database_url(&self) -> &str {
+        &self.database_url
+    }
+
+    /// Returns its port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Crashes the cluster: an immediate shutdown (SIGQUIT to the postmaster, as `pg_ctl stop -m
+    /// immediate`), which ends every connection at once and skips the checkpoint, so `start` runs crash
+    /// recovery. Waits until postgres has exited.
+    pub async fn kill(&mut self) {
+        self.supervisor.signal("QUIT").await;
+        self.running = false;
+    }
+
+    /// Stops the cluster with a fast shutdown (SIGINT: connections are ended, a checkpoint is written) and
+    /// waits until postgres has exited.
+    pub async fn stop(&mut self) {
+        self.supervisor.signal("INT").await;
+        self.running = false;
+    }
+
+    /// Starts the cluster again on the same port with the same data, and waits until its database accepts
+    /// connections. Panics when it is running or cannot start (for example: another process took the port
+    /// meanwhile).
+    pub async fn start(&mut self) {
+        assert!(!self.running, "postgres is already running");
+        self.supervisor.start(READY).await;
+        self.running = true;
+        let patience = Duration::from_secs(60);
+        let started = Instant::now();
+        loop {
+            match PgConnection::connect(&self.database_url).await {
+                Ok(connection) => {
+                    let _ = connection.close().await;
+                    return;
+                }
+                Err(error) if started.elapsed() > patience => {
+                    panic!("postgres did not accept connections within {patience:?}: {error}")
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    }
+}
+
+/// Returns the options of the maintenance database of the cluster at `port`.
+pub(crate) fn server_options(port: u16) -> PgConnectOptions {
+    format!("postgres://postgres@127.0.0.1:{port}/postgres?sslmode=disable")
+        .parse()
+        .expect("a valid PostgreSQL URL")
 }

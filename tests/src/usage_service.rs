@@ -16,19 +16,17 @@ pub type UsageClient = usage_client::UsageClient<InterceptedService<Channel, Bea
 /// little.
 pub const TEST_REPORT_INTERVAL: Duration = Duration::from_millis(50);
 
+/// How often in-process usage instances compare credit mirrors with billing's ledger: often, so a test of
+/// a repair waits little (and every other test runs with the sweep busy beside it).
+pub const TEST_RECONCILE_INTERVAL: Duration = Duration::from_millis(200);
+
 /// Returns the URL of the Redis server tests use: `REDIS_URL` when set, otherwise a throwaway server this
 /// test process starts on first use (AOF on, `everysec`, `noeviction`).
 pub async fn redis_url() -> String {
     if let Ok(url) = std::env::var("REDIS_URL") {
         return url;
     }
-    let port = match tokio::task::spawn_blocking(|| crate::redis_server::server().port).await {
-        Ok(port) => port,
-        Err(error) => match error.try_into_panic() {
-            Ok(panic) => std::panic::resume_unwind(panic),
-            Err(error) => panic!("starting redis was cancelled: {error}"),
-        },
-    };
+    let port = crate::run_blocking("starting redis", || crate::redis_server::server().port).await;
     format!("redis://127.0.0.1:{port}")
 }
 
@@ -41,17 +39,10 @@ pub struct ExtraRedis {
 
 /// Starts a Redis server of the test's own with `settings` (for example `["--appendonly", "no"]`).
 pub async fn start_extra_redis(settings: &'static [&'static str]) -> ExtraRedis {
-    let server = match tokio::task::spawn_blocking(move || {
+    let server = crate::run_blocking("starting redis", move || {
         crate::redis_server::start_with(settings)
     })
-    .await
-    {
-        Ok(server) => server,
-        Err(error) => match error.try_into_panic() {
-            Ok(panic) => std::panic::resume_unwind(panic),
-            Err(error) => panic!("starting redis was cancelled: {error}"),
-        },
-    };
+    .await;
     ExtraRedis {
         url: format!("redis://127.0.0.1:{}", server.port),
         _server: server,
@@ -147,6 +138,7 @@ async fn serve_usage(
     let settings = usage::Settings {
         service_token: SERVICE_TOKEN.into(),
         report_interval,
+        reconcile_interval: TEST_RECONCILE_INTERVAL,
     };
     let shutdown = async move {
         let _ = stopped.await;

@@ -1768,6 +1768,7 @@ fn usage_report(
             period_start: subscription.current_period_start,
             units,
             credits_micros,
+            outbox_sequence: 0,
         }],
     }
 }

@@ -567,6 +567,7 @@ async fn spending_reaches_billing_exactly_once_even_when_a_report_is_sent_again(
             period_start: Some(subscriber.period_start),
             units: spend.units,
             credits_micros: spend.credits_micros,
+            outbox_sequence: sealed.sequence,
         })
         .collect();
     let mut entitlements = billing.entitlements().await;

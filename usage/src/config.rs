@@ -41,6 +41,10 @@ pub struct Config {
     /// How often spending is reported to billing, in milliseconds.
     #[arg(long, env = "USAGE_REPORT_INTERVAL_MS", default_value_t = 1000)]
     pub report_interval_ms: u64,
+    /// How often credit mirrors are compared with billing's ledger (and repaired toward it), in
+    /// milliseconds; also once at start.
+    #[arg(long, env = "USAGE_RECONCILE_INTERVAL_MS", default_value_t = 30_000)]
+    pub reconcile_interval_ms: u64,
     /// Start even when Redis keeps no append-only file or may evict keys (development only: a Redis
     /// restart then forgets counters, and eviction can forget spending).
     #[arg(long, env = "USAGE_ALLOW_VOLATILE_REDIS", default_value_t = false)]
@@ -74,6 +78,11 @@ impl Config {
     /// Returns the report interval.
     pub fn report_interval(&self) -> Duration {
         Duration::from_millis(self.report_interval_ms.max(10))
+    }
+
+    /// Returns the credit mirror reconciliation interval.
+    pub fn reconcile_interval(&self) -> Duration {
+        Duration::from_millis(self.reconcile_interval_ms.max(100))
     }
 }
 

@@ -7,12 +7,12 @@
 //! |---|---|---|
 //! | `P:{c:C}:rate` | string | GCRA theoretical arrival time, µs since the epoch (expires when idle) |
 //! | `P:{c:C}:q:<subscription>:<period start ms>` | string | units used in that period (kept 7 days past its end) |
-//! | `P:{c:C}:cr` | hash | `b` spendable credits (micros), `s` billing feed sequence it was loaded as of |
+//! | `P:{c:C}:cr` | hash | `b` spendable credits (micros), `s` billing feed sequence it was loaded as of, `n` the last outbox number sealed, `v` version (moved by loads, credit changes, acknowledgements and repairs) |
 //! | `P:{c:C}:gp` | hash | credit changes that arrived before the balance was loaded: reference → `seq:delta` |
 //! | `P:{c:C}:ga` | set | references of credit changes already applied |
 //! | `P:{c:C}:r:<request id>` | string | what an admission took and answered, for replays and refunds (24 h) |
 //! | `P:{c:C}:ob` | hash | net spending not yet sealed: `u\|<sub>\|<ps>` units, `c\|<sub>\|<ps>` credits |
-//! | `P:{c:C}:os` | hash | sealed spending being reported to billing, `_id` its id |
+//! | `P:{c:C}:os` | hash | sealed spending being reported to billing, `_id` its id, `_n` its number |
 
 use redis::{Script, aio::ConnectionManager};
 use uuid::Uuid;
@@ -90,6 +90,19 @@ impl Keys {
     /// Returns the `MATCH` pattern of every customer's open or sealed outbox.
     fn outbox_pattern(&self) -> String {
         format!("{}:{{c:*}}:o?", escape_glob(&self.prefix))
+    }
+
+    /// Returns the `MATCH` pattern of every customer's credits hash.
+    fn credits_pattern(&self) -> String {
+        format!("{}:{{c:*}}:cr", escape_glob(&self.prefix))
+    }
+
+    /// Returns the customer whose credits hash `key` is, if it is one of ours.
+    fn customer_of_credits(&self, key: &str) -> Option<Uuid> {
+        let rest = key.strip_prefix(&self.prefix)?.strip_prefix(":{c:")?;
+        let (customer, suffix) = rest.split_once('}')?;
+        (suffix == ":cr").then_some(())?;
+        Uuid::parse_str(customer).ok()
     }
 
     /// Returns the customer whose open or sealed outbox `key` is, if it is one of ours.
@@ -234,12 +247,56 @@ pub struct SealedSpend {
     pub credits_micros: i64,
 }
 
-/// A customer's sealed outbox: its id (billing applies each entry once by an id derived from it) and the
-/// spending in it.
+/// A customer's sealed outbox: its id (billing applies each entry once by an id derived from it), its
+/// number (billing applies the customer's outboxes in increasing numbers, each once; 0 for an outbox sealed
+/// before numbering) and the spending in it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SealedOutbox {
     pub id: String,
+    pub sequence: i64,
     pub spend: Vec<SealedSpend>,
+}
+
+/// What Redis holds about a customer's mirror before a reconciliation asks billing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MirrorState {
+    /// Whether a spendable balance is loaded.
+    pub loaded: bool,
+    /// The mirror's version; a repair is refused when it moved (see `scripts/reconcile.lua`).
+    pub version: i64,
+    /// The last outbox number sealed.
+    pub outbox_sequence: i64,
+}
+
+/// billing's figures for one customer, read in one snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LedgerSnapshot {
+    pub balance_micros: i64,
+    /// The change-feed sequence the balance is as of.
+    pub as_of_sequence: i64,
+    /// The last outbox number billing applied.
+    pub outbox_sequence: i64,
+}
+
+/// What a reconciliation found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reconciled {
+    /// The mirror matched the ledger.
+    Matched { balance: i64 },
+    /// The mirror was set from `before` to `after`.
+    Repaired { before: i64, after: i64 },
+    /// No balance is loaded (the next admission that needs one loads it).
+    NotLoaded,
+    /// Something moved the mirror's version since it was read; ask billing again.
+    Changed,
+}
+
+/// A reconciliation's outcome, and whether billing had applied outboxes Redis no longer knew of (Redis
+/// lost writes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reconciliation {
+    pub reconciled: Reconciled,
+    pub redis_was_behind: bool,
 }
 
 /// A period's counters as usage sees them.
@@ -266,6 +323,7 @@ struct Scripts {
     grant: Script,
     seal: Script,
     ack: Script,
+    reconcile: Script,
 }
 
 /// usage's counters in Redis.
@@ -293,6 +351,7 @@ impl Counters {
             grant: Script::new(include_str!("scripts/grant.lua")),
             seal: Script::new(include_str!("scripts/seal.lua")),
             ack: Script::new(include_str!("scripts/ack.lua")),
+            reconcile: Script::new(include_str!("scripts/reconcile.lua")),
         };
         let counters = Self {
             connection,
@@ -547,6 +606,7 @@ impl Counters {
             .seal
             .key(self.keys.outbox(customer))
             .key(self.keys.sealed(customer))
+            .key(self.keys.credits(customer))
             .arg(Uuid::new_v4().to_string())
             .invoke_async(&mut connection)
             .await?;
@@ -554,11 +614,16 @@ impl Counters {
             return Ok(None);
         }
         let mut id = None;
+        let mut sequence = 0;
         let mut spend: Vec<SealedSpend> = Vec::new();
         for pair in fields.chunks_exact(2) {
             let (field, value) = (&pair[0], &pair[1]);
             if field == "_id" {
                 id = Some(value.clone());
+                continue;
+            }
+            if field == "_n" {
+                sequence = value.parse().map_err(|_| unexpected_reply("seal"))?;
                 continue;
             }
             let amount: i64 = value.parse().map_err(|_| unexpected_reply("seal"))?;
@@ -593,20 +658,123 @@ impl Counters {
         }
         let id = id.ok_or_else(|| unexpected_reply("seal"))?;
         spend.retain(|item| item.units != 0 || item.credits_micros != 0);
-        Ok(Some(SealedOutbox { id, spend }))
+        Ok(Some(SealedOutbox {
+            id,
+            sequence,
+            spend,
+        }))
     }
 
-    /// Drops the customer's sealed outbox `id` after billing acknowledged it.
-    pub async fn acknowledge(&self, customer: Uuid, id: &str) -> redis::RedisResult<()> {
+    /// Drops the customer's sealed outbox `id` after billing acknowledged it, and catches the customer's
+    /// outbox number up with `billed_sequence` (the last one billing applied; 0 when unknown). Returns
+    /// whether billing was ahead of Redis, i.e. Redis lost writes and the mirror needs reconciling.
+    pub async fn acknowledge(
+        &self,
+        customer: Uuid,
+        id: &str,
+        billed_sequence: i64,
+    ) -> redis::RedisResult<bool> {
         let mut connection = self.connection.clone();
-        let _: i64 = self
+        let reply: Vec<i64> = self
             .scripts
             .ack
             .key(self.keys.sealed(customer))
+            .key(self.keys.credits(customer))
             .arg(id)
+            .arg(billed_sequence)
             .invoke_async(&mut connection)
             .await?;
-        Ok(())
+        match reply.as_slice() {
+            [_, behind] => Ok(*behind == 1),
+            _ => Err(unexpected_reply("ack")),
+        }
+    }
+
+    /// Reads what a reconciliation compares against billing's snapshot; `None` when Redis holds nothing
+    /// of the customer's credits.
+    pub async fn mirror_state(&self, customer: Uuid) -> redis::RedisResult<Option<MirrorState>> {
+        let mut connection = self.connection.clone();
+        let (balance, version, sequence): (Option<i64>, Option<i64>, Option<i64>) =
+            redis::cmd("HMGET")
+                .arg(self.keys.credits(customer))
+                .arg("b")
+                .arg("v")
+                .arg("n")
+                .query_async(&mut connection)
+                .await?;
+        if balance.is_none() && sequence.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(MirrorState {
+            loaded: balance.is_some(),
+            version: version.unwrap_or(0),
+            outbox_sequence: sequence.unwrap_or(0),
+        }))
+    }
+
+    /// Sets the customer's mirror to the ledger balance less the credits not yet charged in it, unless the
+    /// mirror's version moved from `version` (then `Reconciled::Changed`: read again and retry). `ledger`
+    /// must have been read after `version`.
+    pub async fn reconcile_credits(
+        &self,
+        customer: Uuid,
+        version: i64,
+        ledger: LedgerSnapshot,
+    ) -> redis::RedisResult<Reconciliation> {
+        let mut connection = self.connection.clone();
+        let reply: Vec<i64> = self
+            .scripts
+            .reconcile
+            .key(self.keys.credits(customer))
+            .key(self.keys.outbox(customer))
+            .key(self.keys.sealed(customer))
+            .arg(version)
+            .arg(ledger.balance_micros)
+            .arg(ledger.as_of_sequence)
+            .arg(ledger.outbox_sequence)
+            .invoke_async(&mut connection)
+            .await?;
+        let [status, before, after, behind] = reply.as_slice() else {
+            return Err(unexpected_reply("reconcile"));
+        };
+        let reconciled = match status {
+            0 => Reconciled::Matched { balance: *before },
+            1 => Reconciled::Repaired {
+                before: *before,
+                after: *after,
+            },
+            2 => Reconciled::NotLoaded,
+            3 => Reconciled::Changed,
+            _ => return Err(unexpected_reply("reconcile")),
+        };
+        Ok(Reconciliation {
+            reconciled,
+            redis_was_behind: *behind == 1,
+        })
+    }
+
+    /// Returns one `SCAN` step over the customers' credits hashes: the cursor to continue from (0 when the
+    /// pass is complete) and the customers found (possibly none, possibly repeated across steps).
+    pub async fn scan_customers_with_credits(
+        &self,
+        cursor: u64,
+        count: usize,
+    ) -> redis::RedisResult<(u64, Vec<Uuid>)> {
+        let mut connection = self.connection.clone();
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(self.keys.credits_pattern())
+            .arg("COUNT")
+            .arg(count)
+            .query_async(&mut connection)
+            .await?;
+        Ok((
+            next,
+            keys.iter()
+                .filter_map(|key| self.keys.customer_of_credits(key))
+                .collect(),
+        ))
     }
 
     /// Returns every customer with an open or sealed outbox (a full `SCAN`; for start-up and a slow sweep
@@ -739,6 +907,22 @@ mod tests {
         assert_eq!(keys.customer_of_outbox(&keys.credits(customer)), None);
         assert_eq!(
             keys.customer_of_outbox(&format!("other:{{c:{customer}}}:ob")),
+            None
+        );
+    }
+
+    #[test]
+    fn credits_keys_name_their_customer_and_nothing_else_matches() {
+        let keys = Keys::new("pg");
+        let customer = Uuid::new_v4();
+
+        assert_eq!(
+            keys.customer_of_credits(&keys.credits(customer)),
+            Some(customer)
+        );
+        assert_eq!(keys.customer_of_credits(&keys.outbox(customer)), None);
+        assert_eq!(
+            keys.customer_of_credits(&format!("pgx:{{c:{customer}}}:cr")),
             None
         );
     }

@@ -7,6 +7,7 @@
 //! - `grpc`: the `usage.v1.Usage` transport adapter
 //! - `reports`: ships sealed spending to billing, exactly once per entry
 //! - `feed`: applies billing's credit changes to loaded balances
+//! - `reconcile`: repairs credit mirrors toward billing's ledger after Redis lost writes
 //! - `error`: the service's error type and its mapping to gRPC status
 
 pub mod config;
@@ -14,6 +15,7 @@ pub mod counters;
 pub mod error;
 pub mod feed;
 pub mod grpc;
+pub mod reconcile;
 pub mod reports;
 
 use std::{future::Future, time::Duration};
@@ -39,6 +41,8 @@ pub struct Settings {
     pub service_token: String,
     /// How often spending is reported to billing.
     pub report_interval: Duration,
+    /// How often credit mirrors are compared with billing's ledger.
+    pub reconcile_interval: Duration,
 }
 
 /// Connects to Redis (one multiplexed connection that reconnects on its own).
@@ -144,8 +148,15 @@ pub async fn serve(
     metrics::gauge!("paygate_usage_report_lag_seconds").set(0.0);
     let dirty = grpc::DirtyCustomers::default();
     let stop = CancellationToken::new();
-    let reporter = reports::Reporter::new(counters.clone(), billing.clone(), dirty.clone());
+    let reconciler = reconcile::Reconciler::new(counters.clone(), billing.clone());
+    let reporter = reports::Reporter::new(
+        counters.clone(),
+        billing.clone(),
+        dirty.clone(),
+        reconciler.clone(),
+    );
     let reporting = tokio::spawn(reporter.run(settings.report_interval, stop.clone()));
+    tokio::spawn(reconciler.run(settings.reconcile_interval, stop.clone()));
     let following =
         tokio::spawn(feed::FeedFollower::new(counters.clone(), billing.clone()).run(stop.clone()));
 

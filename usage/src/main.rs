@@ -57,6 +57,7 @@ async fn run(config: usage::Config) -> anyhow::Result<()> {
     let settings = usage::Settings {
         service_token: secrets.service_token,
         report_interval: config.report_interval(),
+        reconcile_interval: config.reconcile_interval(),
     };
     usage::serve(listener, counters, billing, settings, shutdown_signal()).await
 }

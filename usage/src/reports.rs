@@ -13,6 +13,7 @@ use proto::billing::v1 as billing_pb;
 use crate::{
     counters::Counters,
     grpc::{BillingClient, DirtyCustomers, period_start_timestamp},
+    reconcile::Reconciler,
 };
 
 /// How often the reporter sweeps Redis for outboxes nobody noted (left by a replica that stopped).
@@ -28,15 +29,23 @@ pub struct Reporter {
     counters: Counters,
     billing: BillingClient,
     dirty: DirtyCustomers,
+    reconciler: Reconciler,
 }
 
 impl Reporter {
-    /// Returns a reporter of the spending `dirty` notes, from `counters` to `billing`.
-    pub fn new(counters: Counters, billing: BillingClient, dirty: DirtyCustomers) -> Self {
+    /// Returns a reporter of the spending `dirty` notes, from `counters` to `billing`; customers whose
+    /// Redis turns out to be behind billing go to `reconciler`.
+    pub fn new(
+        counters: Counters,
+        billing: BillingClient,
+        dirty: DirtyCustomers,
+        reconciler: Reconciler,
+    ) -> Self {
         Self {
             counters,
             billing,
             dirty,
+            reconciler,
         }
     }
 
@@ -117,9 +126,11 @@ impl Reporter {
                 period_start: Some(period_start_timestamp(spend.period_start_ms)),
                 units: spend.units,
                 credits_micros: spend.credits_micros,
+                outbox_sequence: outbox.sequence,
             }));
-            sealed.push((customer, outbox.id));
+            sealed.push((customer, outbox.id, outbox.sequence));
         }
+        let mut billed = std::collections::HashMap::new();
         if !entries.is_empty() {
             let report_id = Uuid::new_v4().to_string();
             let mut request = Request::new(billing_pb::ReportUsageRequest {
@@ -134,9 +145,17 @@ impl Reporter {
                 .await?
                 .into_inner();
             tracing::debug!(%report_id, applied = answer.applied_entries, "usage reported");
+            billed = answer.outbox_sequences;
         }
-        for (customer, id) in sealed {
-            self.counters.acknowledge(customer, &id).await?;
+        for (customer, id, sequence) in sealed {
+            let billed = billed.get(&customer.to_string()).copied().unwrap_or(0);
+            if self.counters.acknowledge(customer, &id, billed).await? {
+                // Billing had applied this outbox's number before: Redis lost the seal (and maybe the
+                // spending and acknowledgements around it). What this outbox holds is not charged, in
+                // the customer's favour; the mirror is reloaded from the ledger.
+                tracing::warn!(customer_id = %customer, outbox = sequence, billed, "redis lost writes: outbox already applied by billing; reconciling the credit mirror");
+                self.reconciler.request(customer);
+            }
         }
         Ok(())
     }

@@ -1,7 +1,7 @@
 -- Loads a customer's spendable balance from billing's figure, unless already loaded (never an increment on
 -- this path, so two replicas loading at once cannot double it), then applies grants that arrived while it
 -- was not loaded and are newer than billing's figure.
--- KEYS: 1 credits (hash b, s)  2 pending grants (hash reference -> "sequence:delta")
+-- KEYS: 1 credits (hash b, s, v)  2 pending grants (hash reference -> "sequence:delta")
 -- ARGV: 1 balance from billing  2 the change-feed sequence that balance is as of
 -- Returns: {loaded_now (0/1), balance}
 local existing = redis.call('HGET', KEYS[1], 'b')
@@ -20,5 +20,6 @@ for index = 1, #pending, 2 do
 end
 balance = math.max(balance, 0)
 redis.call('HSET', KEYS[1], 'b', string.format('%d', balance), 's', ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'v', 1)
 redis.call('DEL', KEYS[2])
 return {1, balance}
