@@ -125,16 +125,31 @@ async fn start_billing(options: PgConnectOptions, addr: SocketAddr) -> (OwnRunti
     (service, told.await.expect("billing bound"))
 }
 
-/// Starts usage on `addr` (port 0 for a free one) under the Redis key `prefix`, reporting to billing at
-/// `billing`.
+/// Starts usage on `addr` (port 0 for a free one) under the Redis key `prefix` of the test Redis,
+/// reporting to billing at `billing`.
 async fn start_usage(
+    billing: SocketAddr,
+    prefix: String,
+    addr: SocketAddr,
+) -> (OwnRuntime, SocketAddr) {
+    start_usage_on(integration_tests::redis_url().await, billing, prefix, addr).await
+}
+
+/// Starts usage like `start_usage`, on the Redis at `redis_url`.
+async fn start_usage_on(
+    redis_url: String,
     billing: SocketAddr,
     prefix: String,
     addr: SocketAddr,
 ) -> (OwnRuntime, SocketAddr) {
     let (bound, told) = oneshot::channel();
     let service = OwnRuntime::start(move || async move {
-        let counters = integration_tests::counters(&prefix).await;
+        let connection = usage::connect_redis(&redis_url)
+            .await
+            .expect("usage reaches redis");
+        let counters = usage::Counters::new(connection, usage::Keys::new(&prefix))
+            .await
+            .expect("usage loads its scripts");
         let billing = usage::billing_client(&format!("http://{billing}"), SERVICE_TOKEN)
             .expect("a billing client");
         let listener = TcpListener::bind(addr).await.expect("usage binds");
@@ -142,6 +157,7 @@ async fn start_usage(
         let settings = usage::Settings {
             service_token: SERVICE_TOKEN.into(),
             report_interval: Duration::from_millis(100),
+            reconcile_interval: Duration::from_secs(60),
         };
         let serving = tokio::spawn(usage::serve(
             listener,
@@ -416,6 +432,109 @@ async fn traffic_resumes_within_seconds_of_billing_coming_back() {
         resumed.duration_since(restarted) <= RECOVERY_BOUND,
         "traffic resumed {:?} after billing returned",
         resumed.duration_since(restarted)
+    );
+}
+
+#[tokio::test]
+async fn traffic_resumes_within_seconds_of_redis_coming_back_and_refusals_cost_nothing() {
+    let (admin, _) = admin_billing().await;
+    let mut redis = integration_tests::spawn_restartable_redis(&[]).await;
+    let (_usage, usage_addr) = start_usage_on(
+        redis.url(),
+        admin.addr,
+        unique_prefix(),
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await;
+    let upstream = spawn_ok_upstream().await;
+    let gateway = Gateway::start(admin.addr, usage_addr, &routes(upstream.addr, "", "")).await;
+    let customer = keyed_customer(&admin, Some(plan(10_000))).await;
+    assert_eq!(ask(&gateway, &customer.secret).await.status, StatusCode::OK);
+
+    redis.kill().await;
+    ask_until(
+        &gateway,
+        &customer.secret,
+        StatusCode::SERVICE_UNAVAILABLE,
+        RECOVERY_BOUND,
+    )
+    .await;
+    redis.start().await;
+    let restarted = Instant::now();
+    let resumed = ask_until(
+        &gateway,
+        &customer.secret,
+        StatusCode::OK,
+        RECOVERY_BOUND * 2,
+    )
+    .await;
+
+    assert!(
+        resumed.duration_since(restarted) <= RECOVERY_BOUND,
+        "traffic resumed {:?} after redis returned",
+        resumed.duration_since(restarted)
+    );
+    assert_eq!(upstream.hits(), 2);
+}
+
+#[tokio::test]
+async fn a_cached_entitlement_is_served_while_billings_database_is_down_for_the_stale_window() {
+    let mut postgres = integration_tests::spawn_restartable_postgres().await;
+    let options: PgConnectOptions = postgres.database_url().parse().expect("a database URL");
+    let admin_db = sqlx::PgPool::connect_with(options.clone())
+        .await
+        .expect("the database");
+    let clock = Arc::new(billing::ManualClock::new(OffsetDateTime::now_utc()));
+    let admin = spawn_billing_with_clock(admin_db, clock).await;
+    let (_gateway_billing, billing_addr) =
+        start_billing(options, "127.0.0.1:0".parse().unwrap()).await;
+    let usage = integration_tests::spawn_usage(&admin).await;
+    let upstream = spawn_ok_upstream().await;
+    let window = Duration::from_millis(2_000);
+    let gateway = Gateway::start(
+        billing_addr,
+        usage.addr,
+        &routes(upstream.addr, "entitlements_stale_for_ms = 2000", ""),
+    )
+    .await;
+    let customer = keyed_customer(&admin, Some(plan(10_000))).await;
+    let unseen = keyed_customer(&admin, Some(plan(10_000))).await;
+    assert_eq!(ask(&gateway, &customer.secret).await.status, StatusCode::OK);
+
+    postgres.kill().await;
+    let killed = Instant::now();
+    let unseen_while_down = ask(&gateway, &unseen.secret).await;
+    let mut served = 0;
+    let refused_at = loop {
+        let answer = ask(&gateway, &customer.secret).await;
+        if answer.status != StatusCode::OK {
+            assert_eq!(code(&answer), "billing_unavailable", "{:?}", answer.body);
+            break Instant::now();
+        }
+        served += 1;
+        assert!(
+            killed.elapsed() < window + RECOVERY_BOUND * 2,
+            "still served {:?} after the database died",
+            killed.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    postgres.start().await;
+    let restarted = Instant::now();
+    let served_again =
+        ask_until(&gateway, &unseen.secret, StatusCode::OK, RECOVERY_BOUND * 2).await;
+
+    assert_eq!(unseen_while_down.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(served > 0);
+    assert!(
+        refused_at.duration_since(killed) >= window,
+        "refused after {:?}, inside the stale window",
+        refused_at.duration_since(killed)
+    );
+    assert!(
+        served_again.duration_since(restarted) <= RECOVERY_BOUND,
+        "served again {:?} after the database returned",
+        served_again.duration_since(restarted)
     );
 }
 
