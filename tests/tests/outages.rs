@@ -1,8 +1,23 @@
 //! Backends that go away and come back: the harness's restartable Redis and PostgreSQL, and how usage and
 //! billing answer while their backend is down and after it returns.
 
-use integration_tests::{spawn_restartable_postgres, spawn_restartable_redis};
+use std::{
+    future::Future,
+    time::{Duration, Instant},
+};
+
+use integration_tests::{
+    BillingInstance, free_plan, fresh_database, health_of, key_digest, keyed_customer,
+    spawn_billing, spawn_restartable_postgres, spawn_restartable_redis, spawn_usage_on,
+};
+use proto::{
+    billing::v1::ResolveRequest,
+    usage::v1::{AdmitRequest, Decision},
+};
 use sqlx::{Connection, PgConnection};
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use uuid::Uuid;
 
 async fn redis_connection(url: &str) -> redis::aio::MultiplexedConnection {
     redis::Client::open(url)
@@ -111,4 +126,108 @@ async fn a_crashed_postgres_starts_again_on_its_port_with_its_data() {
         migrations,
         i64::try_from(billing::MIGRATOR.iter().count()).unwrap()
     );
+}
+
+/// Polls `condition` until it holds; returns how long that took, or panics after `limit`.
+async fn time_until<F, Fut>(limit: Duration, what: &str, mut condition: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let started = Instant::now();
+    loop {
+        if condition().await {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < limit, "{what} not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Times one call; returns its outcome and how long it took.
+async fn timed<T>(call: impl Future<Output = T>) -> (T, Duration) {
+    let started = Instant::now();
+    let outcome = call.await;
+    (outcome, started.elapsed())
+}
+
+async fn admit_request(billing: &BillingInstance) -> AdmitRequest {
+    let customer = keyed_customer(billing, Some(free_plan(1_000_000))).await;
+    let entitlement = billing
+        .entitlements()
+        .await
+        .resolve(ResolveRequest {
+            key_digest: key_digest(&customer.secret),
+        })
+        .await
+        .expect("entitlement")
+        .into_inner();
+    AdmitRequest {
+        request_id: String::new(),
+        customer_id: customer.id,
+        subscription_id: entitlement.subscription_id,
+        units: 1,
+        limits: entitlement.limits,
+        period_start: entitlement.period_start,
+        period_end: entitlement.period_end,
+    }
+}
+
+fn numbered(request: &AdmitRequest) -> AdmitRequest {
+    AdmitRequest {
+        request_id: Uuid::new_v4().to_string(),
+        ..request.clone()
+    }
+}
+
+#[tokio::test]
+async fn usage_refuses_at_once_while_its_redis_is_down_and_serves_soon_after_it_returns() {
+    let billing = spawn_billing(fresh_database().await).await;
+    let mut redis = spawn_restartable_redis(&[]).await;
+    let usage = spawn_usage_on(&billing, &redis.url()).await;
+    let mut client = usage.client().await;
+    let request = admit_request(&billing).await;
+    let before = client
+        .admit(numbered(&request))
+        .await
+        .expect("admit")
+        .into_inner();
+
+    redis.kill().await;
+    let mut refusals = Vec::new();
+    for _ in 0..20 {
+        let (answer, took) = timed(client.admit(numbered(&request))).await;
+        refusals.push((answer.map(|_| ()).map_err(|status| status.code()), took));
+    }
+    let not_serving = time_until(Duration::from_secs(3), "NOT_SERVING", || async {
+        health_of(usage.addr, "usage.v1.Usage").await == Ok(ServingStatus::NotServing)
+    })
+    .await;
+    let (while_known_down, took_while_known_down) = timed(client.admit(numbered(&request))).await;
+    redis.start().await;
+    let serving_again = time_until(Duration::from_secs(3), "an admission", || {
+        let mut client = client.clone();
+        let request = numbered(&request);
+        async move { client.admit(request).await.is_ok() }
+    })
+    .await;
+    let healthy_again = health_of(usage.addr, "usage.v1.Usage").await;
+    let whole_server = health_of(usage.addr, "").await;
+
+    eprintln!(
+        "redis down: refusals took {:?}; NOT_SERVING after {not_serving:?}; once known down {took_while_known_down:?}; admissions again {serving_again:?} after redis returned",
+        refusals.iter().map(|(_, took)| *took).collect::<Vec<_>>()
+    );
+    assert_eq!(before.decision(), Decision::Admitted);
+    for (answer, took) in &refusals {
+        assert_eq!(*answer, Err(Code::Unavailable));
+        assert!(*took <= Duration::from_secs(1), "a refusal took {took:?}");
+    }
+    assert_eq!(
+        while_known_down.map(|_| ()).map_err(|status| status.code()),
+        Err(Code::Unavailable)
+    );
+    assert!(took_while_known_down <= Duration::from_secs(1));
+    assert_eq!(healthy_again, Ok(ServingStatus::Serving));
+    assert_eq!(whole_server, Ok(ServingStatus::Serving));
 }
