@@ -11,10 +11,10 @@ use integration_tests::{
     spawn_billing, spawn_restartable_postgres, spawn_restartable_redis, spawn_usage_on,
 };
 use proto::{
-    billing::v1::ResolveRequest,
+    billing::v1::{GetCustomerRequest, ResolveRequest},
     usage::v1::{AdmitRequest, Decision},
 };
-use sqlx::{Connection, PgConnection};
+use sqlx::{Connection, PgConnection, postgres::PgPoolOptions};
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 use uuid::Uuid;
@@ -230,4 +230,70 @@ async fn usage_refuses_at_once_while_its_redis_is_down_and_serves_soon_after_it_
     assert!(took_while_known_down <= Duration::from_secs(1));
     assert_eq!(healthy_again, Ok(ServingStatus::Serving));
     assert_eq!(whole_server, Ok(ServingStatus::Serving));
+}
+
+#[tokio::test]
+async fn billing_refuses_at_once_while_its_database_is_down_and_serves_soon_after_it_returns() {
+    let mut postgres = spawn_restartable_postgres().await;
+    let db = PgPoolOptions::new()
+        .max_connections(8)
+        .acquire_timeout(billing::DB_ACQUIRE_TIMEOUT)
+        .connect(postgres.database_url())
+        .await
+        .expect("pool");
+    let billing = spawn_billing(db).await;
+    let customer = keyed_customer(&billing, Some(free_plan(1000))).await;
+    let resolve = || ResolveRequest {
+        key_digest: key_digest(&customer.secret),
+    };
+    let mut entitlements = billing.entitlements().await;
+    let mut admin = billing.admin().await;
+    let get_customer = || GetCustomerRequest {
+        customer_id: customer.id.clone(),
+    };
+    let before = entitlements.resolve(resolve()).await;
+
+    postgres.kill().await;
+    let mut refusals = Vec::new();
+    for _ in 0..10 {
+        let (answer, took) = timed(entitlements.resolve(resolve())).await;
+        refusals.push((answer.map(|_| ()).map_err(|status| status.code()), took));
+        let (answer, took) = timed(admin.get_customer(get_customer())).await;
+        refusals.push((answer.map(|_| ()).map_err(|status| status.code()), took));
+    }
+    let not_serving = time_until(Duration::from_secs(3), "NOT_SERVING", || async {
+        health_of(billing.addr, "billing.v1.Entitlements").await == Ok(ServingStatus::NotServing)
+    })
+    .await;
+    let (while_known_down, took_while_known_down) = timed(entitlements.resolve(resolve())).await;
+    postgres.start().await;
+    let serving_again = time_until(Duration::from_secs(3), "a resolution", || {
+        let mut entitlements = entitlements.clone();
+        let request = resolve();
+        async move { entitlements.resolve(request).await.is_ok() }
+    })
+    .await;
+    let admin_again = admin.get_customer(get_customer()).await;
+    let healthy_again = [
+        health_of(billing.addr, "billing.v1.Entitlements").await,
+        health_of(billing.addr, "billing.v1.BillingAdmin").await,
+        health_of(billing.addr, "").await,
+    ];
+
+    eprintln!(
+        "postgres down: refusals took {:?}; NOT_SERVING after {not_serving:?}; once known down {took_while_known_down:?}; resolutions again {serving_again:?} after postgres returned",
+        refusals.iter().map(|(_, took)| *took).collect::<Vec<_>>()
+    );
+    assert!(before.is_ok());
+    for (answer, took) in &refusals {
+        assert_eq!(*answer, Err(Code::Unavailable));
+        assert!(*took <= Duration::from_secs(1), "a refusal took {took:?}");
+    }
+    assert_eq!(
+        while_known_down.map(|_| ()).map_err(|status| status.code()),
+        Err(Code::Unavailable)
+    );
+    assert!(took_while_known_down <= Duration::from_secs(1));
+    assert!(admin_again.is_ok());
+    assert_eq!(healthy_again, [Ok(ServingStatus::Serving); 3]);
 }
