@@ -14,6 +14,8 @@ use crate::store::{self, ChangeRow};
 
 /// How often the listener re-reads the feed head even without a notification.
 const POLL_INTERVAL: Duration = Duration::from_secs(5);
+/// How often the listener tries to reconnect while the database is unreachable.
+const RELISTEN_INTERVAL: Duration = Duration::from_millis(100);
 /// How often a quiet stream sends a heartbeat.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
 /// How long feed rows are kept for watchers that reconnect.
@@ -94,10 +96,15 @@ async fn follow_feed(
                     Err(error) => tracing::warn!(%error, "failed to read the change feed head"),
                 },
                 Err(error) => {
-                    tracing::warn!(%error, "change listener failed; retrying");
-                    tokio::select! {
-                        () = shutdown.cancelled() => return,
-                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    tracing::warn!(%error, "change listener failed; reconnecting");
+                    match relisten(&db, &shutdown).await {
+                        Some(fresh) => listener = fresh,
+                        None => return,
+                    }
+                    // Notifications sent while the listener was away are gone.
+                    match store::change_feed_bounds(&db).await {
+                        Ok((latest, _)) => advance(latest),
+                        Err(error) => tracing::warn!(%error, "failed to read the change feed head"),
                     }
                 }
             },
@@ -111,6 +118,37 @@ async fn follow_feed(
                     tracing::warn!(%error, "failed to prune the change feed");
                 }
             }
+        }
+    }
+}
+
+/// Opens a new listener every `RELISTEN_INTERVAL` until one listens, so notifications flow again right
+/// after the database returns; `None` on shutdown. A new one rather than the failed one: that one keeps a
+/// connection the server ended with an error, and reconnects only after I/O errors. Logs one line when it
+/// is back, with the number of failed attempts.
+async fn relisten(db: &PgPool, shutdown: &CancellationToken) -> Option<PgListener> {
+    let started = std::time::Instant::now();
+    let mut failed_attempts: u64 = 0;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return None,
+            () = tokio::time::sleep(RELISTEN_INTERVAL) => {}
+        }
+        let listening = async {
+            let mut listener = PgListener::connect_with(db).await?;
+            listener.listen(store::CHANGES_CHANNEL).await?;
+            Ok::<_, sqlx::Error>(listener)
+        };
+        match listening.await {
+            Ok(listener) => {
+                tracing::info!(
+                    failed_attempts,
+                    down_ms = started.elapsed().as_millis() as u64,
+                    "change listener reconnected"
+                );
+                return Some(listener);
+            }
+            Err(_) => failed_attempts += 1,
         }
     }
 }

@@ -1,6 +1,14 @@
 //! The billing service's errors and how they reach gRPC clients.
 
+use std::{
+    sync::{Mutex, PoisonError},
+    time::{Duration, Instant},
+};
+
 use tonic::Status;
+
+/// Failures to reach the database, which repeat on every call while it is down.
+static DATABASE_UNAVAILABLE: RepeatedFailure = RepeatedFailure::new();
 
 /// What can go wrong in billing: outcomes a caller can act on, plus one variant per infrastructure source.
 #[derive(Debug, thiserror::Error)]
@@ -31,14 +39,34 @@ impl From<BillingError> for Status {
 
 fn database_status(cause: &sqlx::Error) -> Status {
     match cause {
-        sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
-            tracing::error!(error = %cause, "database unavailable");
+        cause if is_unavailable(cause) => {
+            if let Some(failures) = DATABASE_UNAVAILABLE.count() {
+                tracing::error!(error = %cause, failures, "database unavailable");
+            }
             Status::unavailable("billing database unavailable")
         }
         _ => {
             tracing::error!(error = %cause, "database query failed");
             Status::internal("internal error") // causes stay in our logs, never reach clients
         }
+    }
+}
+
+/// Tells whether a database error means the database cannot be reached now (a retry may succeed): no
+/// connection, or the server refusing work while it shuts down, starts up or recovers.
+fn is_unavailable(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::WorkerCrashed => true,
+        // Class 08: connection exception; 57P..: the server shutting down, crashed or starting up
+        // (admin_shutdown, crash_shutdown, cannot_connect_now); 53300: too_many_connections.
+        sqlx::Error::Database(database) => database.code().is_some_and(|code| {
+            code.starts_with("08") || code.starts_with("57P") || code == "53300"
+        }),
+        _ => false,
     }
 }
 
@@ -49,5 +77,44 @@ pub fn is_unique_violation(error: &sqlx::Error, constraint: &str) -> bool {
             database.is_unique_violation() && database.constraint() == Some(constraint)
         }
         _ => false,
+    }
+}
+
+/// A failure that may repeat on every call during an outage: logged at once the first time, then once per
+/// `REPEAT_LOG_INTERVAL` with how many times it happened meanwhile (DESIGN §7).
+struct RepeatedFailure {
+    state: Mutex<Option<(Instant, u64)>>,
+}
+
+/// How often a repeating failure is logged.
+const REPEAT_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+impl RepeatedFailure {
+    const fn new() -> Self {
+        Self {
+            state: Mutex::new(None),
+        }
+    }
+
+    /// Returns how many failures the line about this one stands for, or `None` when it is counted
+    /// for a later line instead.
+    fn count(&self) -> Option<u64> {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        match &mut *state {
+            Some((logged, unlogged)) if logged.elapsed() < REPEAT_LOG_INTERVAL => {
+                *unlogged += 1;
+                None
+            }
+            Some((logged, unlogged)) => {
+                let failures = *unlogged + 1;
+                *logged = Instant::now();
+                *unlogged = 0;
+                Some(failures)
+            }
+            None => {
+                *state = Some((Instant::now(), 0));
+                Some(1)
+            }
+        }
     }
 }

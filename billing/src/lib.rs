@@ -8,6 +8,7 @@
 //! - `changes`: the entitlement change feed (LISTEN/NOTIFY fan-out to watchers)
 //! - `grpc`: the transport adapter between proto and domain
 //! - `error`: the service's error type and its mapping to gRPC status
+//! - `health`: the database probe behind gRPC health and the refusal of calls while it is unreachable
 //! - `rpc_counter`: the tower layer counting every RPC for Prometheus
 
 pub mod changes;
@@ -16,15 +17,21 @@ pub mod config;
 pub mod domain;
 pub mod error;
 pub mod grpc;
+pub mod health;
 pub mod rpc_counter;
 pub mod store;
 
-use std::{future::Future, sync::Arc};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Server, server::TcpIncoming};
+use tonic::{
+    Status,
+    server::NamedService,
+    service::Interceptor,
+    transport::{Server, server::TcpIncoming},
+};
 
 use proto::billing::v1::{
     billing_admin_server::BillingAdminServer, entitlements_server::EntitlementsServer,
@@ -35,6 +42,12 @@ pub use config::Config;
 
 /// The schema migrations, run at start-up by `main` and by the test harness.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
+
+/// How long a call waits for a pool connection before it is answered UNAVAILABLE. Short, because calls
+/// that arrive before the probe notices an outage (`health`) wait this long; a pool that cannot hand on a
+/// connection within it is overloaded, and the caller on the request path (250 ms deadline) is better off
+/// knowing at once.
+pub const DB_ACQUIRE_TIMEOUT: Duration = Duration::from_millis(100);
 
 /// The bearer tokens billing requires: one for `BillingAdmin`, another for `Entitlements`.
 #[derive(Clone)]
@@ -61,16 +74,6 @@ pub async fn serve(
     metrics::gauge!("paygate_billing_change_stream_subscribers").increment(0.0);
     let stop = CancellationToken::new();
     let feed = changes::ChangeFeed::start(db.clone(), stop.clone()).await?;
-    let state = grpc::State { db, clock };
-    let admin = BillingAdminServer::with_interceptor(
-        grpc::AdminApi::new(state.clone()),
-        proto::auth::BearerAuth::new(&tokens.admin),
-    );
-    let entitlements = EntitlementsServer::with_interceptor(
-        grpc::EntitlementsApi::new(state, feed),
-        proto::auth::BearerAuth::new(&tokens.service),
-    );
-
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<BillingAdminServer<grpc::AdminApi>>()
@@ -78,12 +81,43 @@ pub async fn serve(
     health
         .set_serving::<EntitlementsServer<grpc::EntitlementsApi>>()
         .await;
+    let stop_probing = CancellationToken::new();
+    let (database, probing) = health::start_probe(
+        &db,
+        health.clone(),
+        &[
+            <BillingAdminServer<grpc::AdminApi> as NamedService>::NAME,
+            <EntitlementsServer<grpc::EntitlementsApi> as NamedService>::NAME,
+        ],
+        stop_probing.clone(),
+    );
+    let state = grpc::State { db, clock };
+    let admin = BillingAdminServer::with_interceptor(
+        grpc::AdminApi::new(state.clone()),
+        RefuseWhileDatabaseDown {
+            auth: proto::auth::BearerAuth::new(&tokens.admin),
+            database: database.clone(),
+        },
+    );
+    let entitlements = EntitlementsServer::with_interceptor(
+        grpc::EntitlementsApi::new(state, feed),
+        RefuseWhileDatabaseDown {
+            auth: proto::auth::BearerAuth::new(&tokens.service),
+            database,
+        },
+    );
     let reflection = reflection_builder().build_v1()?;
     let reflection_alpha = reflection_builder().build_v1alpha()?; // older grpcurl and tools speak only v1alpha
 
     let stop_accepting = async move {
         shutdown.await;
+        // The probe must not report SERVING again once draining has begun.
+        stop_probing.cancel();
+        let _ = probing.await;
         // Lets load balancers stop routing here, and ends change streams so draining can finish.
+        health
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
         health
             .set_not_serving::<BillingAdminServer<grpc::AdminApi>>()
             .await;
@@ -107,6 +141,24 @@ pub async fn serve(
         )
         .await?;
     Ok(())
+}
+
+/// Checks the caller's token, then refuses the call at once while the probe finds the database
+/// unreachable: every billing call needs it, and waiting would only hold the caller until its deadline.
+#[derive(Clone)]
+struct RefuseWhileDatabaseDown {
+    auth: proto::auth::BearerAuth,
+    database: health::DatabaseHealth,
+}
+
+impl Interceptor for RefuseWhileDatabaseDown {
+    fn call(&mut self, request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        let request = self.auth.call(request)?;
+        if !self.database.is_reachable() {
+            return Err(Status::unavailable("billing database unavailable"));
+        }
+        Ok(request)
+    }
 }
 
 /// Describes billing's services (not usage's, which share the descriptor set) plus health for reflection.

@@ -53,7 +53,7 @@ async fn run(config: billing::Config) -> anyhow::Result<()> {
     probe.close().await.ok();
     let db = PgPoolOptions::new()
         .max_connections(config.db_max_connections)
-        .acquire_timeout(CONNECT_TIMEOUT)
+        .acquire_timeout(billing::DB_ACQUIRE_TIMEOUT)
         .connect_with(options)
         .await
         .context("failed to connect to postgres")?;

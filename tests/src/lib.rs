@@ -27,8 +27,8 @@ pub use gateway_service::{
 };
 pub use usage_service::{
     ExtraRedis, TEST_REPORT_INTERVAL, UsageClient, UsageInstance, counters, redis_connection,
-    redis_url, spawn_usage, spawn_usage_at, spawn_usage_with, spawn_usage_with_prefix,
-    start_extra_redis, unique_prefix,
+    redis_url, spawn_usage, spawn_usage_at, spawn_usage_on, spawn_usage_with,
+    spawn_usage_with_prefix, start_extra_redis, unique_prefix,
 };
 
 use std::{net::SocketAddr, sync::Arc};
@@ -246,6 +246,27 @@ impl BillingInstance {
                 panic!("failed to connect to billing at {}: {error}", self.addr)
             })
     }
+}
+
+/// Returns what the gRPC health service at `addr` reports for `service` (`""`: the server as a whole);
+/// `Err` with the call's code when the call itself fails (the server is gone: `Unavailable`; it does not
+/// know the service: `NotFound`).
+pub async fn health_of(
+    addr: SocketAddr,
+    service: &str,
+) -> Result<tonic_health::pb::health_check_response::ServingStatus, tonic::Code> {
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .expect("a socket address makes a valid URI")
+        .connect()
+        .await
+        .map_err(|_| tonic::Code::Unavailable)?;
+    let answer = tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: service.to_owned(),
+        })
+        .await
+        .map_err(|status| status.code())?;
+    Ok(answer.into_inner().status())
 }
 
 /// Adds `authorization: Bearer <token>` to every call, or nothing when built without a token.

@@ -56,12 +56,18 @@ pub fn unique_prefix() -> String {
 
 /// Returns counters under `prefix` on the test Redis, with the scripts loaded.
 pub async fn counters(prefix: &str) -> usage::Counters {
-    let connection = usage::connect_redis(&redis_url().await)
+    counters_on(&redis_url().await, prefix).await.0
+}
+
+/// Returns counters under `prefix` on the Redis at `url`, and their connection.
+async fn counters_on(url: &str, prefix: &str) -> (usage::Counters, redis::aio::ConnectionManager) {
+    let connection = usage::connect_redis(url)
         .await
         .unwrap_or_else(|error| panic!("failed to connect to redis: {error:#}"));
-    usage::Counters::new(connection, usage::Keys::new(prefix))
+    let counters = usage::Counters::new(connection.clone(), usage::Keys::new(prefix))
         .await
-        .unwrap_or_else(|error| panic!("failed to load the usage scripts: {error}"))
+        .unwrap_or_else(|error| panic!("failed to load the usage scripts: {error}"));
+    (counters, connection)
 }
 
 /// Returns a raw connection to the test Redis, for tests that inspect or corrupt keys.
@@ -104,7 +110,30 @@ pub async fn spawn_usage_with(
     let listener = TcpListener::bind("127.0.0.1:0")
         .await
         .expect("failed to bind a port for usage");
-    serve_usage(billing, prefix, report_interval, listener).await
+    serve_usage(
+        billing,
+        &redis_url().await,
+        prefix,
+        report_interval,
+        listener,
+    )
+    .await
+}
+
+/// Starts usage on a free port with a fresh key prefix against the Redis at `redis_url` (for example a
+/// `RestartableRedis`), reporting to `billing`.
+pub async fn spawn_usage_on(billing: &BillingInstance, redis_url: &str) -> UsageInstance {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("failed to bind a port for usage");
+    serve_usage(
+        billing,
+        redis_url,
+        &unique_prefix(),
+        TEST_REPORT_INTERVAL,
+        listener,
+    )
+    .await
 }
 
 /// Starts usage under `prefix` on the given address (a restart where a stopped instance was).
@@ -116,16 +145,26 @@ pub async fn spawn_usage_at(
     let listener = TcpListener::bind(addr)
         .await
         .unwrap_or_else(|error| panic!("failed to bind {addr} for usage: {error}"));
-    serve_usage(billing, prefix, TEST_REPORT_INTERVAL, listener).await
+    serve_usage(
+        billing,
+        &redis_url().await,
+        prefix,
+        TEST_REPORT_INTERVAL,
+        listener,
+    )
+    .await
 }
 
 async fn serve_usage(
     billing: &BillingInstance,
+    redis_url: &str,
     prefix: &str,
     report_interval: Duration,
     listener: TcpListener,
 ) -> UsageInstance {
-    let counters = counters(prefix).await;
+    let (counters, connection) = counters_on(redis_url, prefix).await;
+    let probe = usage::RedisProbe::new(redis_url, connection)
+        .unwrap_or_else(|error| panic!("bad redis URL: {error:#}"));
     usage::check_durability(&counters, false)
         .await
         .unwrap_or_else(|error| panic!("the test redis is not durable: {error:#}"));
@@ -146,6 +185,7 @@ async fn serve_usage(
     let serve = usage::serve(
         listener,
         counters.clone(),
+        probe,
         billing_client,
         settings,
         shutdown,

@@ -302,6 +302,7 @@ async fn spawn_usage_on(
     reconcile_interval: Duration,
 ) -> UsageOnRedis {
     let connection = usage::connect_redis(redis_url).await.expect("redis");
+    let probe = usage::RedisProbe::new(redis_url, connection.clone()).expect("a redis URL");
     let counters = usage::Counters::new(connection, usage::Keys::new(prefix))
         .await
         .expect("scripts");
@@ -318,6 +319,7 @@ async fn spawn_usage_on(
     tokio::spawn(usage::serve(
         listener,
         counters.clone(),
+        probe,
         billing_client,
         settings,
         async move {

@@ -147,6 +147,7 @@ async fn start_usage_on(
         let connection = usage::connect_redis(&redis_url)
             .await
             .expect("usage reaches redis");
+        let probe = usage::RedisProbe::new(&redis_url, connection.clone()).expect("a redis URL");
         let counters = usage::Counters::new(connection, usage::Keys::new(&prefix))
             .await
             .expect("usage loads its scripts");
@@ -162,6 +163,7 @@ async fn start_usage_on(
         let serving = tokio::spawn(usage::serve(
             listener,
             counters,
+            probe,
             billing,
             settings,
             std::future::pending(),

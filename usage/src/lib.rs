@@ -9,12 +9,14 @@
 //! - `feed`: applies billing's credit changes to loaded balances
 //! - `reconcile`: repairs credit mirrors toward billing's ledger after Redis lost writes
 //! - `error`: the service's error type and its mapping to gRPC status
+//! - `health`: the Redis probe behind gRPC health and the refusal of calls while Redis is unreachable
 
 pub mod config;
 pub mod counters;
 pub mod error;
 pub mod feed;
 pub mod grpc;
+pub mod health;
 pub mod reconcile;
 pub mod reports;
 
@@ -29,10 +31,12 @@ use proto::{
     auth::BearerToken, billing::v1::entitlements_client::EntitlementsClient,
     usage::v1::usage_server::UsageServer,
 };
+use tonic::{Status, server::NamedService, service::Interceptor};
 
 pub use config::Config;
 pub use counters::{Counters, Keys};
 pub use grpc::BillingClient;
+pub use health::RedisProbe;
 
 /// Settings `serve` needs beyond its connections.
 #[derive(Clone)]
@@ -46,11 +50,18 @@ pub struct Settings {
 }
 
 /// Connects to Redis (one multiplexed connection that reconnects on its own).
+///
+/// A lost connection is re-opened with a single attempt of at most `REDIS_CONNECT_TIMEOUT`, without
+/// back-off: calls waiting on it fail at once while Redis refuses connections, and the next call (or the
+/// health probe) tries again, so usage serves as soon as Redis is back. The response timeout stays long
+/// because thousands of admissions may queue on the one connection; a Redis that stops answering is caught
+/// by the probe (`health`) instead.
 pub async fn connect_redis(url: &str) -> anyhow::Result<redis::aio::ConnectionManager> {
     let client = redis::Client::open(url).context("REDIS_URL is not a valid Redis URL")?;
     let config = redis::aio::ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(5)))
-        .set_response_timeout(Some(Duration::from_secs(5)));
+        .set_number_of_retries(0)
+        .set_connection_timeout(Some(REDIS_CONNECT_TIMEOUT))
+        .set_response_timeout(Some(REDIS_RESPONSE_TIMEOUT));
     let mut connection = client
         .get_connection_manager_with_config(config)
         .await
@@ -75,6 +86,12 @@ pub async fn connect_redis(url: &str) -> anyhow::Result<redis::aio::ConnectionMa
         }
     }
 }
+
+/// How long one attempt to (re)connect to Redis may take; longer than the gateway's deadline (250 ms)
+/// serves no caller.
+const REDIS_CONNECT_TIMEOUT: Duration = Duration::from_millis(250);
+/// How long a command may wait for its answer on the shared connection.
+const REDIS_RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long usage waits at start for a Redis that is still loading its data.
 const REDIS_LOADING_LIMIT: Duration = Duration::from_secs(300);
@@ -125,11 +142,13 @@ pub fn billing_client(url: &str, token: &str) -> anyhow::Result<BillingClient> {
 }
 
 /// Serves `usage.v1.Usage` (with health) on `listener` until `shutdown` completes; meanwhile reports
-/// spending to billing and follows billing's credit changes. On shutdown it drains in-flight calls, then
-/// reports what is pending before returning.
+/// spending to billing, follows billing's credit changes and probes Redis with `redis` (health is
+/// NOT_SERVING, and calls are answered UNAVAILABLE at once, while Redis is unreachable). On shutdown it
+/// drains in-flight calls, then reports what is pending before returning.
 pub async fn serve(
     listener: TcpListener,
     counters: Counters,
+    redis: RedisProbe,
     billing: BillingClient,
     settings: Settings,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -160,16 +179,31 @@ pub async fn serve(
     let following =
         tokio::spawn(feed::FeedFollower::new(counters.clone(), billing.clone()).run(stop.clone()));
 
-    let api = UsageServer::with_interceptor(
-        grpc::UsageApi::new(counters, billing, dirty),
-        proto::auth::BearerAuth::new(&settings.service_token),
-    );
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<UsageServer<grpc::UsageApi>>().await;
+    let stop_probing = CancellationToken::new();
+    let (redis_health, probing) = redis.start(
+        health.clone(),
+        &[<UsageServer<grpc::UsageApi> as NamedService>::NAME],
+        stop_probing.clone(),
+    );
+    let api = UsageServer::with_interceptor(
+        grpc::UsageApi::new(counters, billing, dirty),
+        RefuseWhileRedisDown {
+            auth: proto::auth::BearerAuth::new(&settings.service_token),
+            redis: redis_health,
+        },
+    );
     let stop_accepting = async move {
         shutdown.await;
+        // The probe must not report SERVING again once draining has begun.
+        stop_probing.cancel();
+        let _ = probing.await;
         health
             .set_not_serving::<UsageServer<grpc::UsageApi>>()
+            .await;
+        health
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
             .await;
     };
     let reflection = reflection_builder().build_v1()?;
@@ -193,6 +227,24 @@ pub async fn serve(
     let _ = reporting.await;
     served?;
     Ok(())
+}
+
+/// Checks the caller's token, then refuses the call at once while the probe finds Redis unreachable:
+/// every usage call needs Redis, and waiting for it would only hold the caller until its deadline.
+#[derive(Clone)]
+struct RefuseWhileRedisDown {
+    auth: proto::auth::BearerAuth,
+    redis: health::RedisHealth,
+}
+
+impl Interceptor for RefuseWhileRedisDown {
+    fn call(&mut self, request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        let request = self.auth.call(request)?;
+        if !self.redis.is_reachable() {
+            return Err(Status::unavailable("counters unavailable"));
+        }
+        Ok(request)
+    }
 }
 
 /// Describes usage's service (not billing's, which share the descriptor set) plus health for reflection.

@@ -37,6 +37,7 @@ async fn main() -> ExitCode {
 async fn run(config: usage::Config) -> anyhow::Result<()> {
     let secrets = config.secrets()?;
     let redis = usage::connect_redis(&secrets.redis_url).await?;
+    let probe = usage::RedisProbe::new(&secrets.redis_url, redis.clone())?;
     let counters = usage::Counters::new(redis, usage::Keys::new(config.key_prefix.clone()))
         .await
         .context("failed to load the admission script into redis")?;
@@ -59,7 +60,15 @@ async fn run(config: usage::Config) -> anyhow::Result<()> {
         report_interval: config.report_interval(),
         reconcile_interval: config.reconcile_interval(),
     };
-    usage::serve(listener, counters, billing, settings, shutdown_signal()).await
+    usage::serve(
+        listener,
+        counters,
+        probe,
+        billing,
+        settings,
+        shutdown_signal(),
+    )
+    .await
 }
 
 /// Completes on SIGINT or SIGTERM, logging which arrived.
