@@ -36,6 +36,9 @@ pub enum FeedItem {
 pub struct ChangeFeed {
     db: PgPool,
     head: watch::Receiver<i64>,
+    /// Whether the database is reachable. While it is not, watchers end with an error, so that gateways
+    /// know their view may be going stale instead of trusting a stream that can no longer see changes.
+    reachable: Option<watch::Receiver<bool>>,
     shutdown: CancellationToken,
 }
 
@@ -52,7 +55,20 @@ impl ChangeFeed {
             head_sender,
             shutdown.clone(),
         ));
-        Ok(Self { db, head, shutdown })
+        Ok(Self {
+            db,
+            head,
+            reachable: None,
+            shutdown,
+        })
+    }
+
+    /// Returns the feed with its watchers ending whenever `database` finds the database unreachable.
+    pub fn ending_while_unreachable(self, database: &crate::health::DatabaseHealth) -> Self {
+        Self {
+            reachable: Some(database.watch()),
+            ..self
+        }
     }
 
     /// Starts a watcher that sends feed items after `after_sequence` (0: from now on) into a channel; it
@@ -169,6 +185,7 @@ async fn send_feed(
     sender: &mpsc::Sender<sqlx::Result<FeedItem>>,
 ) -> sqlx::Result<()> {
     let mut head = feed.head.clone();
+    let mut reachable = feed.reachable.clone();
     let (latest, oldest) = store::change_feed_bounds(&feed.db).await?;
     // Rows (after_sequence, oldest) were pruned when oldest > after_sequence + 1; a cursor beyond the head
     // means the feed was reset under the watcher.
@@ -202,6 +219,12 @@ async fn send_feed(
         tokio::select! {
             () = feed.shutdown.cancelled() => return Ok(()),
             () = sender.closed() => return Ok(()),
+            () = database_lost(&mut reachable) => {
+                return Err(sqlx::Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::NotConnected,
+                    "the database is unreachable; changes cannot be followed",
+                )));
+            }
             changed = async { head.wait_for(|&latest| latest > cursor).await.map(|_| ()) } => {
                 if changed.is_err() {
                     return Ok(()); // the listener stopped: billing is shutting down
@@ -213,5 +236,17 @@ async fn send_feed(
                 }
             }
         }
+    }
+}
+
+/// Completes once `reachable` says the database is unreachable (at once if it is now); never without a
+/// receiver, or once the probe has stopped.
+async fn database_lost(reachable: &mut Option<watch::Receiver<bool>>) {
+    let lost = match reachable {
+        Some(receiver) => receiver.wait_for(|up| !*up).await.is_ok(),
+        None => false,
+    };
+    if !lost {
+        std::future::pending::<()>().await;
     }
 }

@@ -13,6 +13,7 @@ use std::{
 };
 
 use sqlx::{Connection, PgConnection, PgPool, postgres::PgConnectOptions};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
@@ -30,12 +31,23 @@ const OUTAGE_LOG_INTERVAL: Duration = Duration::from_secs(10);
 #[derive(Clone)]
 pub struct DatabaseHealth {
     reachable: Arc<AtomicBool>,
+    changes: Arc<watch::Sender<bool>>,
 }
 
 impl DatabaseHealth {
     /// Returns whether the database is reachable as far as the probes know.
     pub fn is_reachable(&self) -> bool {
         self.reachable.load(Ordering::Relaxed)
+    }
+
+    /// Returns a receiver that sees every change of reachability.
+    pub fn watch(&self) -> watch::Receiver<bool> {
+        self.changes.subscribe()
+    }
+
+    fn set_reachable(&self, reachable: bool) {
+        self.reachable.store(reachable, Ordering::Relaxed);
+        self.changes.send_replace(reachable);
     }
 }
 
@@ -50,6 +62,7 @@ pub fn start_probe(
 ) -> (DatabaseHealth, tokio::task::JoinHandle<()>) {
     let health = DatabaseHealth {
         reachable: Arc::new(AtomicBool::new(true)),
+        changes: Arc::new(watch::channel(true).0),
     };
     let options = (*db.connect_options()).clone();
     let task = tokio::spawn(probe(
@@ -98,7 +111,7 @@ async fn probe(
                     );
                     outage = None;
                     timeouts_in_a_row = 0;
-                    health.reachable.store(true, Ordering::Relaxed);
+                    health.set_reachable(true);
                     set_status(&reporter, services, ServingStatus::Serving).await;
                 }
             }
@@ -109,7 +122,7 @@ async fn probe(
                 };
                 if timeouts_in_a_row >= TIMEOUTS_BEFORE_DOWN {
                     tracing::warn!(%error, "database unreachable; refusing calls until it answers");
-                    health.reachable.store(false, Ordering::Relaxed);
+                    health.set_reachable(false);
                     set_status(&reporter, services, ServingStatus::NotServing).await;
                     outage = Some(Outage::new());
                 }

@@ -100,7 +100,7 @@ pub async fn serve(
         },
     );
     let entitlements = EntitlementsServer::with_interceptor(
-        grpc::EntitlementsApi::new(state, feed),
+        grpc::EntitlementsApi::new(state, feed.ending_while_unreachable(&database)),
         RefuseWhileDatabaseDown {
             auth: proto::auth::BearerAuth::new(&tokens.service),
             database,
