@@ -210,6 +210,7 @@ pub async fn enforce_deadlines<E>(
             }
         };
         tokio::select! {
+            biased;
             result = &mut connection => return Ending::Finished(result),
             () = activity.changed.notified() => {}
             () = expired => {
@@ -377,10 +378,10 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_connection_past_its_deadline_is_ended_and_one_that_finishes_is_not() {
-        let activity = Activity::new(HEAD, IDLE);
+        let (stalled, finishing) = (Activity::new(HEAD, IDLE), Activity::new(HEAD, IDLE));
 
-        let ending = enforce_deadlines(std::future::pending::<Result<(), ()>>(), &activity).await;
-        let finished = enforce_deadlines(async { Ok::<(), ()>(()) }, &activity).await;
+        let ending = enforce_deadlines(std::future::pending::<Result<(), ()>>(), &stalled).await;
+        let finished = enforce_deadlines(async { Ok::<(), ()>(()) }, &finishing).await;
 
         assert!(matches!(ending, Ending::Expired(Expiry::Head)));
         assert!(matches!(finished, Ending::Finished(Ok(()))));
