@@ -300,8 +300,8 @@ impl RepeatedWarning {
         None
     }
 
-    /// Logs the occurrences not logged yet when a line is due; for when the failures stop, so the last
-    /// ones are not left out.
+    /// Logs the occurrences not logged yet when a line is due; called periodically, so the last ones
+    /// of a burst are not left out.
     pub fn flush(&mut self) -> Option<u64> {
         if self.unlogged > 0 && self.due() {
             return self.log();
@@ -320,8 +320,8 @@ impl RepeatedWarning {
         tracing::warn!(
             times,
             interval_s,
-            last = %self.detail,
-            "{} {times} times since the last such line: {}",
+            latest = %self.detail,
+            "{}: {times} time(s) since the last report, latest: {}",
             self.message,
             self.detail
         );

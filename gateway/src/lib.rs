@@ -166,14 +166,21 @@ pub async fn serve(
     metrics::gauge!("paygate_gateway_connections_open").set(0.0);
     let mut accept_failures = connections::RepeatedWarning::new("accept failed", LOG_INTERVAL);
     let mut refusals = connections::RepeatedWarning::new(
-        "connections closed at once because `max_connections` were open",
+        "connection closed at once: `max_connections` are open",
         LOG_INTERVAL,
     );
+    let mut report_warnings = tokio::time::interval(LOG_INTERVAL);
+    report_warnings.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
             () = &mut shutdown => break,
+            _ = report_warnings.tick() => {
+                accept_failures.flush();
+                refusals.flush();
+                continue;
+            }
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
@@ -190,7 +197,6 @@ pub async fn serve(
                 }
             },
         };
-        accept_failures.flush();
         let Ok(permit) = open.clone().try_acquire_owned() else {
             refusals.record(peer);
             metrics::counter!("paygate_gateway_connections_closed_total", "reason" => OVER_LIMIT)
@@ -198,7 +204,6 @@ pub async fn serve(
             drop(stream);
             continue;
         };
-        refusals.flush();
         let _ = stream.set_nodelay(true);
         let gateway = gateway.clone();
         let builder = builder.clone();

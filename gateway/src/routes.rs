@@ -311,4 +311,28 @@ mod tests {
         );
         assert!(parse_routes_file("routes = []").is_err());
     }
+
+    #[test]
+    fn connection_limits_default_when_unset_and_refuse_zero() {
+        let with_limits = |limits: &str| {
+            parse_routes_file(&format!("{FILE}\n[limits]\n{limits}\n")).map(|(file, _)| file.limits)
+        };
+
+        let defaults = with_limits("").expect("no limits");
+        let set = with_limits("max_connections = 3\nidle_timeout_ms = 1500").expect("limits");
+
+        assert_eq!(defaults.idle_timeout_ms.get(), 60_000);
+        assert_eq!(defaults.max_connections, None);
+        assert_eq!(defaults.max_concurrent_streams.get(), 100);
+        assert_eq!(set.max_connections.map(NonZeroUsize::get), Some(3));
+        assert_eq!(set.idle_timeout_ms.get(), 1500);
+        for zero in [
+            "max_connections = 0",
+            "idle_timeout_ms = 0",
+            "header_read_timeout_ms = 0",
+            "max_concurrent_streams = 0",
+        ] {
+            assert!(with_limits(zero).is_err(), "{zero} was accepted");
+        }
+    }
 }

@@ -14,9 +14,9 @@ use http::{Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use integration_tests::{
-    body, free_plan, fresh_database, get, http_client, keyed_customer, send,
-    spawn_billing_with_clock, spawn_gateway, spawn_gateway_at, spawn_ok_upstream, spawn_tarpit,
-    spawn_upstream, spawn_usage,
+    GatewayInstance, Tarpit, Upstream, body, free_plan, fresh_database, get, http_client,
+    keyed_customer, send, spawn_billing_with_clock, spawn_gateway, spawn_gateway_at,
+    spawn_ok_upstream, spawn_tarpit, spawn_upstream, spawn_usage,
 };
 use time::OffsetDateTime;
 use tokio::{
@@ -37,8 +37,9 @@ const PREFACE_AND_PARTIAL_HEADERS: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\
     \x00\x00\x00\x04\x00\x00\x00\x00\x00\
     \x00\x00\x03\x01\x01\x00\x00\x00\x01\x82\x86\x84";
 
-/// A gateway whose backends hang: enough for `/_paygate/health`, which asks neither.
-async fn gateway_without_backends(limits: &str) -> integration_tests::GatewayInstance {
+/// A gateway whose backends hang: enough for `/_paygate/health`, which asks neither. The stand-ins must
+/// live as long as the gateway.
+async fn gateway_without_backends(limits: &str) -> (GatewayInstance, (Tarpit, Upstream)) {
     let tarpit = spawn_tarpit().await;
     let upstream = spawn_ok_upstream().await;
     let routes = format!(
@@ -46,9 +47,7 @@ async fn gateway_without_backends(limits: &str) -> integration_tests::GatewayIns
         upstream.addr
     );
     let gateway = spawn_gateway_at(tarpit.addr, tarpit.addr, &routes).await;
-    // The tasks behind both live as long as the test's runtime.
-    std::mem::forget((tarpit, upstream));
-    gateway
+    (gateway, (tarpit, upstream))
 }
 
 /// Connects, sends `head` one byte per `pause`, and returns how long after connecting the gateway
@@ -98,7 +97,7 @@ async fn send_and_time_close(addr: SocketAddr, bytes: &'static [u8]) -> Option<D
         .map(|()| connected.elapsed())
 }
 
-/// Asks for `/_paygate/health` over HTTP/1.1 every 50 ms until stopped; returns the statuses seen (0 for
+/// Asks for `/_paygate/health` (over h2 when `http2`, else HTTP/1.1) every 50 ms until stopped; returns the statuses seen (0 for
 /// a failed request) and the slowest answer.
 fn keep_asking_for_health(url: String, http2: bool) -> (JoinHandle<(Vec<u16>, Duration)>, Stop) {
     let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -163,7 +162,7 @@ const SLOW_HEAD: &[u8] =
 #[tokio::test]
 async fn silent_and_trickling_http1_connections_are_closed_at_the_head_timeout_while_others_are_served()
  {
-    let gateway = gateway_without_backends("header_read_timeout_ms = 500").await;
+    let (gateway, _stand_ins) = gateway_without_backends("header_read_timeout_ms = 500").await;
     let (normal, stop) = keep_asking_for_health(gateway.url("/_paygate/health"), false);
 
     let silent = (0..20).map(|_| send_and_time_close(gateway.addr, b""));
@@ -181,12 +180,12 @@ async fn silent_and_trickling_http1_connections_are_closed_at_the_head_timeout_w
 #[tokio::test]
 async fn h2_connections_without_a_whole_first_request_are_closed_at_the_head_timeout_while_others_are_served()
  {
-    let gateway = gateway_without_backends("header_read_timeout_ms = 500").await;
+    let (gateway, _stand_ins) = gateway_without_backends("header_read_timeout_ms = 500").await;
     let (normal, stop) = keep_asking_for_health(gateway.url("/_paygate/health"), true);
 
     let (part_of_preface, whole_preface, partial_headers, trickled_preface) = tokio::join!(
         send_and_time_close(gateway.addr, &H2_PREFACE[..10]),
-        send_and_time_close(gateway.addr, &H2_PREFACE[..]),
+        send_and_time_close(gateway.addr, H2_PREFACE),
         send_and_time_close(gateway.addr, PREFACE_AND_PARTIAL_HEADERS),
         send_slowly(gateway.addr, H2_PREFACE, Duration::from_millis(100)),
     );
@@ -222,7 +221,7 @@ async fn ask_for_health(stream: &mut TcpStream) {
 #[tokio::test]
 async fn the_next_head_on_a_kept_alive_connection_is_due_within_the_head_timeout_of_its_first_byte()
 {
-    let gateway = gateway_without_backends("header_read_timeout_ms = 500").await;
+    let (gateway, _stand_ins) = gateway_without_backends("header_read_timeout_ms = 500").await;
     let mut stream = TcpStream::connect(gateway.addr).await.expect("connect");
     ask_for_health(&mut stream).await;
 
@@ -237,7 +236,7 @@ async fn the_next_head_on_a_kept_alive_connection_is_due_within_the_head_timeout
 #[tokio::test]
 async fn an_idle_kept_alive_connection_is_closed_after_the_idle_timeout_not_the_head_timeout() {
     let idle = Duration::from_millis(1500);
-    let gateway =
+    let (gateway, _stand_ins) =
         gateway_without_backends("header_read_timeout_ms = 200\nidle_timeout_ms = 1500").await;
     let mut stream = TcpStream::connect(gateway.addr).await.expect("connect");
     ask_for_health(&mut stream).await;
@@ -255,7 +254,7 @@ async fn an_idle_kept_alive_connection_is_closed_after_the_idle_timeout_not_the_
 
 #[tokio::test]
 async fn connections_beyond_the_limit_are_closed_at_once_and_served_again_once_others_close() {
-    let gateway = gateway_without_backends("max_connections = 3").await;
+    let (gateway, _stand_ins) = gateway_without_backends("max_connections = 3").await;
     let mut held = Vec::new();
     for _ in 0..3 {
         let mut stream = TcpStream::connect(gateway.addr).await.expect("connect");
