@@ -148,7 +148,7 @@ fn assert_closed_by_head_timeout(closed: &[Option<Duration>]) {
 }
 
 fn assert_all_served(statuses: &[u16], slowest: Duration) {
-    assert!(statuses.len() >= 5, "too few requests: {statuses:?}");
+    assert!(statuses.len() >= 3, "too few requests: {statuses:?}");
     assert!(statuses.iter().all(|&status| status == 200), "{statuses:?}");
     assert!(
         slowest <= Duration::from_secs(2),
