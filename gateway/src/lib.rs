@@ -116,45 +116,10 @@ pub async fn serve(
         (task, stopper)
     };
     let limits = gateway.file.limits;
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        // The head deadline is ours (`connections`): hyper's timer would also cut idle keep-alive
-        // connections, and it cannot see a head the framing guard holds back.
-        .header_read_timeout(None)
-        .max_headers(limits.max_headers)
-        .max_buf_size(limits.max_header_bytes.max(8192));
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-        .max_concurrent_streams(limits.max_concurrent_streams.get())
-        // Finds peers that vanished while their streams wait for an upstream.
-        .keep_alive_interval(H2_PING_INTERVAL)
-        .keep_alive_timeout(H2_PING_TIMEOUT);
-    let builder = Arc::new(builder);
+    let builder = Arc::new(http_builder(&limits));
     let head_timeout = Duration::from_millis(limits.header_read_timeout_ms.get());
     let idle_timeout = Duration::from_millis(limits.idle_timeout_ms.get());
-    let max_connections = match limits.max_connections {
-        Some(max) => {
-            tracing::info!(
-                max_connections = max,
-                "connection limit from the routes file"
-            );
-            max
-        }
-        None => {
-            let open_files = connections::open_files_soft_limit();
-            let max = connections::default_max_connections(open_files);
-            tracing::info!(
-                max_connections = max,
-                open_files_limit = open_files,
-                "connection limit derived from the open-files limit"
-            );
-            max
-        }
-    };
-    let open = Arc::new(Semaphore::new(max_connections.get()));
+    let open = Arc::new(Semaphore::new(connection_limit(&limits).get()));
     for reason in [
         connections::Expiry::Head.label(),
         connections::Expiry::Idle.label(),
@@ -254,6 +219,50 @@ pub async fn serve(
     reporting.1.cancel();
     let _ = reporting.0.await;
     Ok(())
+}
+
+/// Returns the HTTP/1.1 and HTTP/2 server settings for `limits`.
+fn http_builder(limits: &routes::RequestLimits) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        // The head deadline is ours (`connections`): hyper's timer would also cut idle keep-alive
+        // connections, and it cannot see a head the framing guard holds back.
+        .header_read_timeout(None)
+        .max_headers(limits.max_headers)
+        .max_buf_size(limits.max_header_bytes.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(limits.max_concurrent_streams.get())
+        // Finds peers that vanished while their streams wait for an upstream.
+        .keep_alive_interval(H2_PING_INTERVAL)
+        .keep_alive_timeout(H2_PING_TIMEOUT);
+    builder
+}
+
+/// Returns the most client connections open at once, logging where the figure comes from.
+fn connection_limit(limits: &routes::RequestLimits) -> std::num::NonZeroUsize {
+    match limits.max_connections {
+        Some(max) => {
+            tracing::info!(
+                max_connections = max,
+                "connection limit from the routes file"
+            );
+            max
+        }
+        None => {
+            let open_files = connections::open_files_soft_limit();
+            let max = connections::default_max_connections(open_files);
+            tracing::info!(
+                max_connections = max,
+                open_files_limit = open_files,
+                "connection limit derived from the open-files limit"
+            );
+            max
+        }
+    }
 }
 
 /// A client connection counted against `max_connections` and in `paygate_gateway_connections_open`.
