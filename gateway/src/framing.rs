@@ -7,6 +7,10 @@
 //! a `Content-Length` or chunked body, then the next head), and when a head carries both fields it adds
 //! [`AMBIGUOUS_MARK`] to that head so the handler answers 400 without forwarding. HTTP/2 connections and
 //! upgraded connections pass through untouched.
+//!
+//! The guard also tells the connection's [`Activity`] when bytes of a head have arrived but the head is
+//! not complete: the head deadline (`connections`) runs from there, since hyper does not see a held-back
+//! line.
 
 use std::{
     collections::VecDeque,
@@ -16,6 +20,8 @@ use std::{
 };
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::connections::Activity;
 
 /// Header the guard adds to a request head that is framed two ways.
 pub const AMBIGUOUS_MARK: &str = "paygate-ambiguous-framing";
@@ -77,6 +83,15 @@ impl Framing {
             state: State::Detect,
             pending: Vec::new(),
             max_head,
+        }
+    }
+
+    /// Returns whether part of a request head has been read but not the whole of it.
+    pub fn inside_head(&self) -> bool {
+        match &self.state {
+            State::Detect => !self.pending.is_empty(),
+            State::Head(scan) => scan.bytes > 0,
+            State::Body(_) | State::Chunked(_) | State::Passthrough => false,
         }
     }
 
@@ -280,6 +295,7 @@ pub struct Guarded<IO> {
     inner: IO,
     framing: Framing,
     ready: VecDeque<u8>,
+    activity: Option<std::sync::Arc<Activity>>,
 }
 
 impl<IO> Guarded<IO> {
@@ -289,7 +305,14 @@ impl<IO> Guarded<IO> {
             inner,
             framing: Framing::new(max_head),
             ready: VecDeque::new(),
+            activity: None,
         }
+    }
+
+    /// Reports to `activity` each time a read leaves a head begun but unfinished.
+    pub fn reporting_to(mut self, activity: std::sync::Arc<Activity>) -> Self {
+        self.activity = Some(activity);
+        self
     }
 }
 
@@ -313,7 +336,14 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Guarded<IO> {
                         return Poll::Ready(Ok(()));
                     }
                 }
-                Poll::Ready(Ok(())) => this.framing.feed(incoming.filled(), &mut this.ready),
+                Poll::Ready(Ok(())) => {
+                    this.framing.feed(incoming.filled(), &mut this.ready);
+                    if let Some(activity) = &this.activity
+                        && this.framing.inside_head()
+                    {
+                        activity.head_begun();
+                    }
+                }
             }
         }
         let (front, back) = this.ready.as_slices();
@@ -403,6 +433,25 @@ mod tests {
             Content-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
 
         assert!(!scan(request, 5).contains(AMBIGUOUS_MARK));
+    }
+
+    #[test]
+    fn a_head_is_unfinished_from_its_first_byte_to_its_empty_line() {
+        let mut framing = Framing::new(64 * 1024);
+        let mut output = VecDeque::new();
+        let mut inside = vec![framing.inside_head()];
+        for piece in [
+            &b"G"[..],
+            b"ET / HTTP/1.1\r\nHost: x\r\n",
+            b"\r\n",
+            b"P",
+            b"UT /",
+        ] {
+            framing.feed(piece, &mut output);
+            inside.push(framing.inside_head());
+        }
+
+        assert_eq!(inside, [false, true, true, false, true, true]);
     }
 
     #[test]

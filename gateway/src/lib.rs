@@ -11,6 +11,7 @@
 //! - `problem`: problem+json bodies and the human pages per code
 //! - `backends`: billing and usage calls with deadlines and circuit breakers
 //! - `entitlements`: the entitlement cache and billing's change stream
+//! - `connections`: head and idle deadlines per connection, the connection limit, accept back-off
 //! - `framing`: the connection guard that finds requests framed two ways
 //! - `proxy`: the decision per request and the forwarding
 //! - `stats`: runtime statistics per customer and hour, reported to billing
@@ -18,6 +19,7 @@
 pub mod backends;
 pub mod client_ip;
 pub mod config;
+pub mod connections;
 pub mod entitlements;
 pub mod framing;
 pub mod headers;
@@ -27,14 +29,17 @@ pub mod proxy;
 pub mod routes;
 pub mod stats;
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{convert::Infallible, future::Future, sync::Arc, time::Duration};
 
 use hyper::service::service_fn;
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::{conn::auto, graceful::GracefulShutdown},
 };
-use tokio::net::TcpListener;
+use tokio::{
+    net::TcpListener,
+    sync::{OwnedSemaphorePermit, Semaphore},
+};
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
@@ -42,6 +47,15 @@ pub use proxy::Gateway;
 
 /// How long in-flight requests may take to finish once shutdown starts.
 const DRAIN_LIMIT: Duration = Duration::from_secs(30);
+/// How long the accept loop pauses after an accept error that is not the client's (out of files).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+/// At most one log line per this interval for each kind of repeated connection failure.
+const LOG_INTERVAL: Duration = Duration::from_secs(5);
+/// HTTP/2 PING every this long; a peer that does not answer within `H2_PING_TIMEOUT` is disconnected.
+const H2_PING_INTERVAL: Duration = Duration::from_secs(20);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
+/// `reason` label of connections closed because `max_connections` were open.
+const OVER_LIMIT: &str = "over_limit";
 
 /// Builds the gateway from a parsed routes file and the backends it calls; customer statistics go to
 /// billing every `stats_interval`.
@@ -82,6 +96,7 @@ pub fn gateway(
 
 /// Serves HTTP/1.1 and HTTP/2 on `listener` until `shutdown` completes, then stops accepting and lets
 /// in-flight requests finish (for at most 30 s). Billing's change stream is followed meanwhile.
+/// Connections are bounded by the routes file's `[limits]` (see `connections`).
 pub async fn serve(
     listener: TcpListener,
     gateway: Arc<Gateway>,
@@ -106,42 +121,95 @@ pub async fn serve(
         (task, stopper)
     };
     let limits = gateway.file.limits;
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        // Without a timer hyper silently ignores the header read timeout.
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_millis(limits.header_read_timeout_ms))
-        .max_headers(limits.max_headers)
-        .max_buf_size(limits.max_header_bytes.max(8192));
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
-    let builder = Arc::new(builder);
+    let builder = Arc::new(http_builder(&limits));
+    let head_timeout = Duration::from_millis(limits.header_read_timeout_ms.get());
+    let idle_timeout = Duration::from_millis(limits.idle_timeout_ms.get());
+    let open = Arc::new(Semaphore::new(connection_limit(&limits).get()));
+    for reason in [
+        connections::Expiry::Head.label(),
+        connections::Expiry::Idle.label(),
+        OVER_LIMIT,
+    ] {
+        metrics::counter!("paygate_gateway_connections_closed_total", "reason" => reason)
+            .increment(0);
+    }
+    metrics::gauge!("paygate_gateway_connections_open").set(0.0);
+    let mut accept_failures = connections::RepeatedWarning::new("accept failed", LOG_INTERVAL);
+    let mut refusals = connections::RepeatedWarning::new(
+        "connection closed at once: `max_connections` are open",
+        LOG_INTERVAL,
+    );
+    let mut report_warnings = tokio::time::interval(LOG_INTERVAL);
+    report_warnings.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
             () = &mut shutdown => break,
+            _ = report_warnings.tick() => {
+                accept_failures.flush();
+                refusals.flush();
+                continue;
+            }
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
-                    tracing::warn!(%error, "accept failed");
+                    accept_failures.record(&error);
+                    if !connections::is_per_connection_error(&error) {
+                        // Out of files or memory: the pending connection stays queued and accept fails
+                        // again at once, so wait for connections to close instead of spinning.
+                        tokio::select! {
+                            () = &mut shutdown => break,
+                            () = tokio::time::sleep(ACCEPT_BACKOFF) => {}
+                        }
+                    }
                     continue;
                 }
             },
+        };
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            refusals.record(peer);
+            metrics::counter!("paygate_gateway_connections_closed_total", "reason" => OVER_LIMIT)
+                .increment(1);
+            drop(stream);
+            continue;
         };
         let _ = stream.set_nodelay(true);
         let gateway = gateway.clone();
         let builder = builder.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let service = service_fn(move |request| gateway.clone().handle(request, peer));
-            let guarded = framing::Guarded::new(stream, limits.max_header_bytes.max(8192) + 1024);
+            let _open = OpenConnection::new(permit);
+            let activity = Arc::new(connections::Activity::new(head_timeout, idle_timeout));
+            let service = {
+                let activity = activity.clone();
+                service_fn(move |request| {
+                    let in_progress = activity.request_started();
+                    let answer = gateway.clone().handle(request, peer);
+                    async move {
+                        let response = answer.await?;
+                        Ok::<_, Infallible>(
+                            response.map(|body| connections::TrackedBody::new(body, in_progress)),
+                        )
+                    }
+                })
+            };
+            let guarded = framing::Guarded::new(stream, limits.max_header_bytes.max(8192) + 1024)
+                .reporting_to(activity.clone());
             let connection = builder.serve_connection_with_upgrades(TokioIo::new(guarded), service);
-            if let Err(error) = watcher.watch(connection).await {
-                tracing::debug!(%error, %peer, "connection ended with an error");
+            match connections::enforce_deadlines(watcher.watch(connection), &activity).await {
+                connections::Ending::Finished(Ok(())) => {}
+                connections::Ending::Finished(Err(error)) => {
+                    tracing::debug!(%error, %peer, "connection ended with an error");
+                }
+                connections::Ending::Expired(expiry) => {
+                    tracing::debug!(reason = expiry.label(), %peer, "connection closed");
+                    metrics::counter!(
+                        "paygate_gateway_connections_closed_total",
+                        "reason" => expiry.label()
+                    )
+                    .increment(1);
+                }
             }
         });
     }
@@ -156,4 +224,66 @@ pub async fn serve(
     reporting.1.cancel();
     let _ = reporting.0.await;
     Ok(())
+}
+
+/// Returns the HTTP/1.1 and HTTP/2 server settings for `limits`.
+fn http_builder(limits: &routes::RequestLimits) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        // The head deadline is ours (`connections`): hyper's timer would also cut idle keep-alive
+        // connections, and it cannot see a head the framing guard holds back.
+        .header_read_timeout(None)
+        .max_headers(limits.max_headers)
+        .max_buf_size(limits.max_header_bytes.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(limits.max_concurrent_streams.get())
+        // Finds peers that vanished while their streams wait for an upstream.
+        .keep_alive_interval(H2_PING_INTERVAL)
+        .keep_alive_timeout(H2_PING_TIMEOUT);
+    builder
+}
+
+/// Returns the most client connections open at once, logging where the figure comes from.
+fn connection_limit(limits: &routes::RequestLimits) -> std::num::NonZeroUsize {
+    match limits.max_connections {
+        Some(max) => {
+            tracing::info!(
+                max_connections = max,
+                "connection limit from the routes file"
+            );
+            max
+        }
+        None => {
+            let open_files = connections::open_files_soft_limit();
+            let max = connections::default_max_connections(open_files);
+            tracing::info!(
+                max_connections = max,
+                open_files_limit = open_files,
+                "connection limit derived from the open-files limit"
+            );
+            max
+        }
+    }
+}
+
+/// A client connection counted against `max_connections` and in `paygate_gateway_connections_open`.
+struct OpenConnection {
+    _permit: OwnedSemaphorePermit,
+}
+
+impl OpenConnection {
+    fn new(permit: OwnedSemaphorePermit) -> Self {
+        metrics::gauge!("paygate_gateway_connections_open").increment(1.0);
+        Self { _permit: permit }
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        metrics::gauge!("paygate_gateway_connections_open").decrement(1.0);
+    }
 }

@@ -1,7 +1,10 @@
 //! The routes file (`GATEWAY_CONFIG`, TOML): which path prefixes go to which upstream, at what price, and
 //! how each route behaves when billing or usage is down; and the longest-prefix lookup over it.
 
-use std::time::Duration;
+use std::{
+    num::{NonZeroU32, NonZeroU64, NonZeroUsize},
+    time::Duration,
+};
 
 use serde::Deserialize;
 
@@ -47,7 +50,7 @@ impl RoutesFile {
     }
 }
 
-/// Bounds on what a client may send.
+/// Bounds on what a client may send, and on the connections it sends over.
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RequestLimits {
@@ -57,8 +60,17 @@ pub struct RequestLimits {
     pub max_headers: usize,
     /// Largest request head (request line and headers) in bytes; larger gets 431.
     pub max_header_bytes: usize,
-    /// How long a client may take to send its request head.
-    pub header_read_timeout_ms: u64,
+    /// How long a client may take to send a whole request head, counted from the connection's first
+    /// moment (or from the first byte of a later head on a kept-alive connection); HTTP/2's preface and
+    /// first request count as the head. A connection past it is closed.
+    pub header_read_timeout_ms: NonZeroU64,
+    /// How long a connection with no request in progress stays open.
+    pub idle_timeout_ms: NonZeroU64,
+    /// Most connections open at once; a connection beyond is accepted and closed at once. Unset: below
+    /// the process's open-files limit (see `connections::default_max_connections`).
+    pub max_connections: Option<NonZeroUsize>,
+    /// Most HTTP/2 streams in progress on one connection.
+    pub max_concurrent_streams: NonZeroU32,
 }
 
 impl Default for RequestLimits {
@@ -67,7 +79,10 @@ impl Default for RequestLimits {
             max_body_bytes: 10 * 1024 * 1024,
             max_headers: 100,
             max_header_bytes: 16 * 1024,
-            header_read_timeout_ms: 10_000,
+            header_read_timeout_ms: NonZeroU64::new(10_000).expect("nonzero"),
+            idle_timeout_ms: NonZeroU64::new(60_000).expect("nonzero"),
+            max_connections: None,
+            max_concurrent_streams: NonZeroU32::new(100).expect("nonzero"),
         }
     }
 }
@@ -314,5 +329,29 @@ mod tests {
                 .contains("colour")
         );
         assert!(parse_routes_file("routes = []").is_err());
+    }
+
+    #[test]
+    fn connection_limits_default_when_unset_and_refuse_zero() {
+        let with_limits = |limits: &str| {
+            parse_routes_file(&format!("{FILE}\n[limits]\n{limits}\n")).map(|(file, _)| file.limits)
+        };
+
+        let defaults = with_limits("").expect("no limits");
+        let set = with_limits("max_connections = 3\nidle_timeout_ms = 1500").expect("limits");
+
+        assert_eq!(defaults.idle_timeout_ms.get(), 60_000);
+        assert_eq!(defaults.max_connections, None);
+        assert_eq!(defaults.max_concurrent_streams.get(), 100);
+        assert_eq!(set.max_connections.map(NonZeroUsize::get), Some(3));
+        assert_eq!(set.idle_timeout_ms.get(), 1500);
+        for zero in [
+            "max_connections = 0",
+            "idle_timeout_ms = 0",
+            "header_read_timeout_ms = 0",
+            "max_concurrent_streams = 0",
+        ] {
+            assert!(with_limits(zero).is_err(), "{zero} was accepted");
+        }
     }
 }
