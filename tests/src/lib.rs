@@ -6,8 +6,10 @@
 //! - `redis_server`: the throwaway Redis server a test process starts when `REDIS_URL` is unset
 //! - `usage_service`: the usage service in-process, its clients and counters
 //! - `gateway_service`: the gateway in-process, a scriptable upstream and an HTTP client
+//! - `bench`: what the benchmark programs share (services as processes, killable PostgreSQL and Redis)
 //! - this file: `fresh_database`, `spawn_billing`, the clients and small request builders
 
+pub mod bench;
 mod gateway_service;
 mod postgres;
 mod redis_server;

@@ -51,7 +51,7 @@ pub(crate) fn server() -> &'static Server {
     SERVER.get_or_init(start_server)
 }
 
-fn find_binary() -> PathBuf {
+pub(crate) fn find_binary() -> PathBuf {
     std::env::var_os("PATH")
         .map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
         .unwrap_or_default()
@@ -63,7 +63,7 @@ fn find_binary() -> PathBuf {
 }
 
 /// The settings usage insists on: an append-only file synced every second, and no eviction.
-const DURABLE: &[&str] = &[
+pub(crate) const DURABLE: &[&str] = &[
     "--appendonly",
     "yes",
     "--appendfsync",
