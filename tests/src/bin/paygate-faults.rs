@@ -947,7 +947,7 @@ async fn resolve_storm(stack: &Stack, keys: &[String], rate: u64) -> StormFigure
         .into_iter()
         .map(|(window, count)| (window as f64 / 10.0, count))
         .collect();
-    slow_windows.sort_by(|a, b| b.1.cmp(&a.1));
+    slow_windows.sort_by_key(|window| std::cmp::Reverse(window.1));
     slow_windows.truncate(10);
     StormFigures {
         calls: outcomes.len(),
@@ -1046,7 +1046,7 @@ impl Report<'_> {
             self.args.warm_rate, self.args.cold_rate, self.args.outage_seconds
         );
         println!(
-            "  {:<11} {:<15} {:>10} {:>16} {:>14} {:>7} {:>7} {:>7}  {}",
+            "  {:<11} {:<15} {:>10} {:>16} {:>14} {:>7} {:>7} {:>7}  statuses",
             "killed",
             "stream",
             "first 503",
@@ -1055,7 +1055,6 @@ impl Report<'_> {
             "2xx",
             "lost",
             "extra",
-            "statuses"
         );
         for scenario in &self.scenarios {
             for stream in &scenario.streams {
@@ -1087,8 +1086,7 @@ impl Report<'_> {
             }
         }
         println!(
-            "  (first 2xx: from the dependency answering again, after {} restarted it; \"extra\": charged without a 2xx)",
-            "the benchmark"
+            "  (first 2xx: from the dependency answering again; \"extra\": units charged without a 2xx)"
         );
 
         let slow = &self.slow;
