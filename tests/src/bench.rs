@@ -263,6 +263,57 @@ impl ServiceSpec {
     }
 }
 
+/// Describes billing as the benchmarks run it, on the PostgreSQL database at `database_url`.
+pub fn billing_spec(bin_dir: &Path, database_url: &str) -> ServiceSpec {
+    ServiceSpec::new(
+        bin_dir,
+        "billing",
+        "BILLING_LISTEN_ADDR",
+        "BILLING_METRICS_ADDR",
+    )
+    .env("DATABASE_URL", database_url)
+    .env("BILLING_ADMIN_TOKEN", ADMIN_TOKEN)
+    .env("PAYGATE_SERVICE_TOKEN", SERVICE_TOKEN)
+}
+
+/// Describes usage as the benchmarks run it, on Redis at `redis_url`, reporting to billing on
+/// `billing_port`.
+pub fn usage_spec(bin_dir: &Path, redis_url: &str, billing_port: u16) -> ServiceSpec {
+    ServiceSpec::new(bin_dir, "usage", "USAGE_LISTEN_ADDR", "USAGE_METRICS_ADDR")
+        .env("REDIS_URL", redis_url)
+        .env("BILLING_URL", format!("http://127.0.0.1:{billing_port}"))
+        .env("PAYGATE_SERVICE_TOKEN", SERVICE_TOKEN)
+}
+
+/// Describes the gateway as the benchmarks run it: one route, `/`, price 1, to `upstream` (`host:port`),
+/// asking billing and usage on their ports within `deadline_ms`.
+pub fn gateway_spec(
+    bin_dir: &Path,
+    work: &Path,
+    upstream: &str,
+    deadline_ms: u64,
+    billing_port: u16,
+    usage_port: u16,
+) -> ServiceSpec {
+    let routes = work.join("routes.toml");
+    std::fs::write(
+        &routes,
+        format!("[[routes]]\nprefix = \"/\"\nupstream = \"http://{upstream}\"\nprice = 1\n"),
+    )
+    .expect("the routes file");
+    ServiceSpec::new(
+        bin_dir,
+        "gateway",
+        "GATEWAY_LISTEN_ADDR",
+        "GATEWAY_METRICS_ADDR",
+    )
+    .env("GATEWAY_CONFIG", routes.display().to_string())
+    .env("GATEWAY_BACKEND_DEADLINE_MS", deadline_ms.to_string())
+    .env("BILLING_URL", format!("http://127.0.0.1:{billing_port}"))
+    .env("USAGE_URL", format!("http://127.0.0.1:{usage_port}"))
+    .env("PAYGATE_SERVICE_TOKEN", SERVICE_TOKEN)
+}
+
 /// Retries `start` until it succeeds or `limit` has passed, for a service started again on its old port
 /// after a kill (a socket of the killed process may still hold it for a moment).
 pub async fn restart_within<T, F, Fut>(limit: Duration, mut start: F) -> Result<T, String>

@@ -17,8 +17,8 @@ use std::{
 
 use clap::Parser;
 use integration_tests::bench::{
-    ADMIN_TOKEN, KEYS_PER_CUSTOMER, Process, SERVICE_TOKEN, ServiceSpec, admin_client, free_port,
-    key_with_quota, many_keys, restart_within, units_used, usage_client, wait_for_port,
+    KEYS_PER_CUSTOMER, Process, admin_client, billing_spec, free_port, gateway_spec,
+    key_with_quota, many_keys, restart_within, units_used, usage_client, usage_spec, wait_for_port,
 };
 use serde_json::{Value, json};
 use tokio::task::JoinSet;
@@ -103,52 +103,24 @@ async fn run(args: &Args, work: &Path) -> Value {
     wait_for_port(upstream_port, "nginx").await;
     wait_for_port(nginx_port, "nginx").await;
 
-    let billing = ServiceSpec::new(
-        &args.bin_dir,
-        "billing",
-        "BILLING_LISTEN_ADDR",
-        "BILLING_METRICS_ADDR",
-    )
-    .env("DATABASE_URL", &database_url)
-    .env("BILLING_ADMIN_TOKEN", ADMIN_TOKEN)
-    .env("PAYGATE_SERVICE_TOKEN", SERVICE_TOKEN)
-    .worker_threads(args.worker_threads)
-    .start()
-    .await;
+    let billing = billing_spec(&args.bin_dir, &database_url)
+        .worker_threads(args.worker_threads)
+        .start()
+        .await;
     let billing_port = billing.port;
-    let usage = ServiceSpec::new(
-        &args.bin_dir,
-        "usage",
-        "USAGE_LISTEN_ADDR",
-        "USAGE_METRICS_ADDR",
-    )
-    .env("REDIS_URL", &redis_url)
-    .env("BILLING_URL", format!("http://127.0.0.1:{billing_port}"))
-    .env("PAYGATE_SERVICE_TOKEN", SERVICE_TOKEN)
-    .worker_threads(args.worker_threads)
-    .start()
-    .await;
+    let usage = usage_spec(&args.bin_dir, &redis_url, billing_port)
+        .worker_threads(args.worker_threads)
+        .start()
+        .await;
     let usage_port = usage.port;
-    let routes = work.join("routes.toml");
-    std::fs::write(
-        &routes,
-        format!("[[routes]]\nprefix = \"/\"\nupstream = \"http://127.0.0.1:{upstream_port}\"\nprice = 1\n"),
-    )
-    .expect("the routes file");
-    let gateway_spec = ServiceSpec::new(
+    let gateway_spec = gateway_spec(
         &args.bin_dir,
-        "gateway",
-        "GATEWAY_LISTEN_ADDR",
-        "GATEWAY_METRICS_ADDR",
+        work,
+        &format!("127.0.0.1:{upstream_port}"),
+        args.backend_deadline_ms,
+        billing_port,
+        usage_port,
     )
-    .env("GATEWAY_CONFIG", routes.display().to_string())
-    .env(
-        "GATEWAY_BACKEND_DEADLINE_MS",
-        args.backend_deadline_ms.to_string(),
-    )
-    .env("BILLING_URL", format!("http://127.0.0.1:{billing_port}"))
-    .env("USAGE_URL", format!("http://127.0.0.1:{usage_port}"))
-    .env("PAYGATE_SERVICE_TOKEN", SERVICE_TOKEN)
     .worker_threads(args.worker_threads);
     let first_gateway = gateway_spec.start().await;
     let gateway_port = first_gateway.port;

@@ -24,9 +24,9 @@ use clap::Parser;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use integration_tests::bench::{
-    ADMIN_TOKEN, Admin, Postgres, Redis, RunningService, SERVICE_TOKEN, ServiceSpec, Usage,
-    admin_client, entitlements_client, free_plan, key_with_quota, keys_of, many_keys, percentile,
-    restart_within, subscribed_customer, usage_client, usage_of,
+    Admin, Postgres, Redis, RunningService, ServiceSpec, Usage, admin_client, billing_spec,
+    entitlements_client, free_plan, gateway_spec, key_with_quota, keys_of, many_keys, percentile,
+    restart_within, subscribed_customer, usage_client, usage_of, usage_spec,
 };
 use proto::billing::v1::{self as billing_pb, GetCustomerUsageRequest};
 use serde_json::{Value, json};
@@ -210,49 +210,18 @@ impl Stack {
         .await;
         let redis = Redis::start(work).await;
         let upstream = integration_tests::spawn_ok_upstream().await;
-        let billing_spec = ServiceSpec::new(
-            &args.bin_dir,
-            "billing",
-            "BILLING_LISTEN_ADDR",
-            "BILLING_METRICS_ADDR",
-        )
-        .env("DATABASE_URL", postgres.url())
-        .env("BILLING_ADMIN_TOKEN", ADMIN_TOKEN)
-        .env("PAYGATE_SERVICE_TOKEN", SERVICE_TOKEN);
+        let billing_spec = billing_spec(&args.bin_dir, &postgres.url());
         let billing = billing_spec.start().await;
-        let usage_spec = ServiceSpec::new(
-            &args.bin_dir,
-            "usage",
-            "USAGE_LISTEN_ADDR",
-            "USAGE_METRICS_ADDR",
-        )
-        .env("REDIS_URL", redis.url())
-        .env("BILLING_URL", format!("http://127.0.0.1:{}", billing.port))
-        .env("PAYGATE_SERVICE_TOKEN", SERVICE_TOKEN);
+        let usage_spec = usage_spec(&args.bin_dir, &redis.url(), billing.port);
         let usage = usage_spec.start().await;
-        let routes = work.join("routes.toml");
-        std::fs::write(
-            &routes,
-            format!(
-                "[[routes]]\nprefix = \"/\"\nupstream = \"http://{}\"\nprice = 1\n",
-                upstream.addr
-            ),
-        )
-        .expect("the routes file");
-        let gateway = ServiceSpec::new(
+        let gateway = gateway_spec(
             &args.bin_dir,
-            "gateway",
-            "GATEWAY_LISTEN_ADDR",
-            "GATEWAY_METRICS_ADDR",
+            work,
+            &upstream.addr.to_string(),
+            args.backend_deadline_ms,
+            billing.port,
+            usage.port,
         )
-        .env("GATEWAY_CONFIG", routes.display().to_string())
-        .env(
-            "GATEWAY_BACKEND_DEADLINE_MS",
-            args.backend_deadline_ms.to_string(),
-        )
-        .env("BILLING_URL", format!("http://127.0.0.1:{}", billing.port))
-        .env("USAGE_URL", format!("http://127.0.0.1:{}", usage.port))
-        .env("PAYGATE_SERVICE_TOKEN", SERVICE_TOKEN)
         .start()
         .await;
         Self {
