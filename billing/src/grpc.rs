@@ -1662,14 +1662,12 @@ impl pb::entitlements_server::Entitlements for EntitlementsApi {
             .into());
         }
         let now = self.state.clock.now();
-        let key = store::resolve_key(&self.state.db, digest, now)
-            .await
-            .map_err(BillingError::from)?
-            .ok_or_else(key_not_found)?;
+        let store::ResolvedEntitlement { key, subscription } =
+            store::resolve_entitlement(&self.state.db, digest, now)
+                .await
+                .map_err(BillingError::from)?
+                .ok_or_else(key_not_found)?;
         let customer_id = CustomerId::from(key.customer_id);
-        let subscription = store::current_subscription(&self.state.db, customer_id)
-            .await
-            .map_err(BillingError::from)?;
         let mut entitlement = pb::Entitlement {
             key_id: key.key_id.to_string(),
             customer_id: customer_id.to_string(),
@@ -1679,12 +1677,8 @@ impl pb::entitlements_server::Entitlements for EntitlementsApi {
             valid_until: optional_timestamp(key.expires_at),
             ..Default::default()
         };
-        if let Some(subscription) = subscription {
+        if let Some((subscription, plan)) = subscription {
             let state = state_of(&subscription, now)?;
-            let plan = store::get_plan(&self.state.db, subscription.plan_id.into())
-                .await
-                .map_err(BillingError::from)?
-                .ok_or(BillingError::NotFound("plan"))?;
             let valid_until = [state.valid_until, key.expires_at]
                 .into_iter()
                 .flatten()

@@ -681,23 +681,152 @@ pub struct ResolvedKey {
     pub expires_at: Option<OffsetDateTime>,
 }
 
-/// Returns the key with this digest if it is usable at `now` (not revoked, not expired); `None` otherwise,
-/// without telling which.
-pub async fn resolve_key(
+/// Everything `Resolve` answers from: a usable key, its customer, and the customer's current subscription
+/// (the live one, else the latest ended one) with its plan.
+#[derive(Debug, Clone)]
+pub struct ResolvedEntitlement {
+    pub key: ResolvedKey,
+    pub subscription: Option<(SubscriptionRow, PlanRow)>,
+}
+
+/// The flat row of `resolve_entitlement`'s one statement; the subscription's and plan's columns are all
+/// `None` when the customer has no subscription.
+struct ResolvedRow {
+    key_id: Uuid,
+    customer_id: Uuid,
+    external_id: String,
+    currency: String,
+    expires_at: Option<OffsetDateTime>,
+    subscription_id: Option<Uuid>,
+    started_at: Option<OffsetDateTime>,
+    anchor: Option<OffsetDateTime>,
+    trial_ends_at: Option<OffsetDateTime>,
+    paid_through: Option<OffsetDateTime>,
+    last_payment_at: Option<OffsetDateTime>,
+    payment_failed_at: Option<OffsetDateTime>,
+    cancel_at: Option<OffsetDateTime>,
+    ended_at: Option<OffsetDateTime>,
+    end_reason: Option<String>,
+    subscription_created_at: Option<OffsetDateTime>,
+    plan_id: Option<Uuid>,
+    plan_code: Option<String>,
+    plan_name: Option<String>,
+    plan_currency: Option<String>,
+    plan_price_micros: Option<i64>,
+    plan_interval: Option<String>,
+    plan_included_units: Option<i64>,
+    plan_rate_limit: Option<i32>,
+    plan_rate_period_ms: Option<i32>,
+    plan_burst: Option<i32>,
+    plan_overage_mode: Option<String>,
+    plan_unit_price_micros: Option<i64>,
+    plan_grace_period_seconds: Option<i32>,
+    plan_trial_days: Option<i32>,
+    plan_features: Option<Vec<String>>,
+    plan_archived_at: Option<OffsetDateTime>,
+    plan_created_at: Option<OffsetDateTime>,
+}
+
+impl ResolvedRow {
+    fn into_entitlement(self) -> ResolvedEntitlement {
+        let subscription = (|| {
+            let plan = PlanRow {
+                id: self.plan_id?,
+                code: self.plan_code?,
+                name: self.plan_name?,
+                currency: self.plan_currency?,
+                price_micros: self.plan_price_micros?,
+                billing_interval: self.plan_interval?,
+                included_units: self.plan_included_units?,
+                rate_limit: self.plan_rate_limit?,
+                rate_period_ms: self.plan_rate_period_ms?,
+                burst: self.plan_burst?,
+                overage_mode: self.plan_overage_mode?,
+                unit_price_micros: self.plan_unit_price_micros?,
+                grace_period_seconds: self.plan_grace_period_seconds?,
+                trial_days: self.plan_trial_days?,
+                features: self.plan_features?,
+                archived_at: self.plan_archived_at,
+                created_at: self.plan_created_at?,
+            };
+            let subscription = SubscriptionRow {
+                id: self.subscription_id?,
+                customer_id: self.customer_id,
+                plan_id: plan.id,
+                started_at: self.started_at?,
+                anchor: self.anchor?,
+                trial_ends_at: self.trial_ends_at,
+                paid_through: self.paid_through?,
+                last_payment_at: self.last_payment_at,
+                payment_failed_at: self.payment_failed_at,
+                cancel_at: self.cancel_at,
+                ended_at: self.ended_at,
+                end_reason: self.end_reason,
+                created_at: self.subscription_created_at?,
+                plan_code: plan.code.clone(),
+                plan_price_micros: plan.price_micros,
+                plan_interval: plan.billing_interval.clone(),
+                plan_grace_period_seconds: plan.grace_period_seconds,
+            };
+            Some((subscription, plan))
+        })();
+        ResolvedEntitlement {
+            key: ResolvedKey {
+                key_id: self.key_id,
+                customer_id: self.customer_id,
+                external_id: self.external_id,
+                currency: self.currency,
+                expires_at: self.expires_at,
+            },
+            subscription,
+        }
+    }
+}
+
+/// Returns the key with this digest if it is usable at `now` (not revoked, not expired), with its
+/// customer's current subscription and plan; `None` otherwise, without telling which.
+///
+/// One statement, so one pool connection and one round trip per `Resolve`: with a statement each for key,
+/// subscription and plan, a storm of cold keys queued three times for the pool per call and paid three
+/// round trips, and its slowest calls outlasted the gateway's deadline (bench/README.md, `bench/faults`).
+/// The subscription is the one `current_subscription` returns.
+pub async fn resolve_entitlement(
     db: impl PgExecutor<'_>,
     digest: &[u8],
     now: OffsetDateTime,
-) -> sqlx::Result<Option<ResolvedKey>> {
-    sqlx::query_as!(
-        ResolvedKey,
-        r#"SELECT k.id AS key_id, k.customer_id, c.external_id, c.currency, k.expires_at
-           FROM api_keys k JOIN customers c ON c.id = k.customer_id
+) -> sqlx::Result<Option<ResolvedEntitlement>> {
+    let row = sqlx::query_as!(
+        ResolvedRow,
+        r#"SELECT k.id AS key_id, k.customer_id, c.external_id, c.currency, k.expires_at,
+                  s.id AS "subscription_id?", s.started_at AS "started_at?", s.anchor AS "anchor?",
+                  s.trial_ends_at, s.paid_through AS "paid_through?", s.last_payment_at,
+                  s.payment_failed_at, s.cancel_at, s.ended_at, s.end_reason,
+                  s.created_at AS "subscription_created_at?",
+                  p.id AS "plan_id?", p.code AS "plan_code?", p.name AS "plan_name?",
+                  p.currency AS "plan_currency?", p.price_micros AS "plan_price_micros?",
+                  p.billing_interval AS "plan_interval?", p.included_units AS "plan_included_units?",
+                  p.rate_limit AS "plan_rate_limit?", p.rate_period_ms AS "plan_rate_period_ms?",
+                  p.burst AS "plan_burst?", p.overage_mode AS "plan_overage_mode?",
+                  p.unit_price_micros AS "plan_unit_price_micros?",
+                  p.grace_period_seconds AS "plan_grace_period_seconds?",
+                  p.trial_days AS "plan_trial_days?", p.features AS "plan_features?",
+                  p.archived_at AS plan_archived_at, p.created_at AS "plan_created_at?"
+           FROM api_keys k
+           JOIN customers c ON c.id = k.customer_id
+           LEFT JOIN LATERAL (
+               SELECT * FROM subscriptions
+               WHERE customer_id = k.customer_id
+               ORDER BY ended_at IS NULL DESC, id DESC
+               LIMIT 1
+           ) s ON true
+           LEFT JOIN plans p ON p.id = s.plan_id
            WHERE k.digest = $1 AND k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > $2)"#,
         digest,
         now,
     )
     .fetch_optional(db)
-    .await
+    .await?;
+    Ok(row.map(ResolvedRow::into_entitlement))
 }
 
 /// Records a usage report id with the digest of its contents; `true` when new.

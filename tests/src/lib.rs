@@ -9,8 +9,10 @@
 //! - `supervisor`: the shell that runs, signals, restarts and finally cleans up those servers
 //! - `usage_service`: the usage service in-process, its clients and counters
 //! - `gateway_service`: the gateway in-process, a scriptable upstream and an HTTP client
+//! - `bench`: what the benchmark programs share (services as processes, killable PostgreSQL and Redis)
 //! - this file: `fresh_database`, `spawn_billing`, the clients and small request builders
 
+pub mod bench;
 mod gateway_service;
 mod postgres;
 mod redis_server;

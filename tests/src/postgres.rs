@@ -68,14 +68,14 @@ fn start_attempts(settings: &[&str]) -> (u16, Supervisor) {
     panic!("PostgreSQL failed to start after {START_ATTEMPTS} attempts: {last_error}");
 }
 
-struct Binaries {
+pub(crate) struct Binaries {
     initdb: PathBuf,
-    postgres: PathBuf,
+    pub(crate) postgres: PathBuf,
 }
 
 impl Binaries {
     /// Looks on PATH first, then in Debian's versioned directories, highest version first.
-    fn find() -> Self {
+    pub(crate) fn find() -> Self {
         let on_path: Vec<PathBuf> = std::env::var_os("PATH")
             .map(|path| std::env::split_paths(&path).collect())
             .unwrap_or_default();
@@ -106,13 +106,13 @@ fn debian_bin_dirs() -> Vec<PathBuf> {
 }
 
 /// PostgreSQL refuses to run as root, so as root everything runs as the `postgres` system user.
-enum RunAs {
+pub(crate) enum RunAs {
     CurrentUser,
     Postgres { uid: u32, gid: u32 },
 }
 
 impl RunAs {
-    fn detect() -> Self {
+    pub(crate) fn detect() -> Self {
         if effective_uid() != Some(0) {
             return Self::CurrentUser;
         }
@@ -161,7 +161,7 @@ fn effective_uid() -> Option<u32> {
 /// Returns the template's data directory and a shared lock on it, running `initdb` into it first when no
 /// complete template exists for these binaries. The exclusive lock makes concurrent test processes wait
 /// for one `initdb` instead of racing.
-fn ensure_template(binaries: &Binaries, user: &RunAs) -> (PathBuf, File) {
+pub(crate) fn ensure_template(binaries: &Binaries, user: &RunAs) -> (PathBuf, File) {
     let root = std::env::temp_dir().join(TEMPLATE_NAME);
     let marker = root.join("complete");
     let data = root.join("data");

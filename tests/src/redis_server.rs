@@ -40,7 +40,7 @@ pub(crate) fn server() -> &'static Server {
     SERVER.get_or_init(|| start_with(DURABLE))
 }
 
-fn find_binary() -> PathBuf {
+pub(crate) fn find_binary() -> PathBuf {
     std::env::var_os("PATH")
         .map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
         .unwrap_or_default()

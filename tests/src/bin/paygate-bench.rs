@@ -9,28 +9,19 @@
 
 use std::{
     collections::BTreeMap,
-    net::TcpListener,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use clap::Parser;
-use integration_tests::{BearerToken, customer_request, plan_request};
-use proto::{
-    billing::v1::{
-        self as billing_pb, CreateSubscriptionRequest, IssueApiKeyRequest,
-        billing_admin_client::BillingAdminClient,
-    },
-    usage::v1::{self as usage_pb, usage_client::UsageClient},
+use integration_tests::bench::{
+    KEYS_PER_CUSTOMER, Process, admin_client, billing_spec, free_port, gateway_spec,
+    key_with_quota, many_keys, restart_within, units_used, usage_client, usage_spec, wait_for_port,
 };
 use serde_json::{Value, json};
-use tokio::{sync::Semaphore, task::JoinSet};
-use tonic::{service::interceptor::InterceptedService, transport::Channel};
-
-const ADMIN_TOKEN: &str = "bench-admin-token-0123456789";
-const SERVICE_TOKEN: &str = "bench-service-token-0123456789";
+use tokio::task::JoinSet;
 
 /// What to run, and how big.
 #[derive(Parser)]
@@ -88,22 +79,10 @@ struct Args {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
-    let work =
-        std::env::temp_dir().join(format!("paygate-bench-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&work).expect("a work directory");
+    let work = integration_tests::bench::work_dir("paygate-bench");
     let report = run(&args, &work).await;
     let _ = std::fs::remove_dir_all(&work);
-    std::fs::create_dir_all(&args.results).expect("the results directory");
-    let stamp = time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .expect("a formattable instant")
-        .replace(':', "");
-    let file = args.results.join(format!("{stamp}-{}.json", args.label));
-    std::fs::write(
-        &file,
-        serde_json::to_string_pretty(&report).expect("JSON") + "\n",
-    )
-    .expect("the results file");
+    let file = integration_tests::bench::write_results(&args.results, &args.label, &report);
     println!("\nfigures written to {}", file.display());
     if report["burst"]["exact_trials"] != report["burst"]["trials"] {
         eprintln!("paygate-bench: a burst admitted a number other than its quota");
@@ -124,76 +103,35 @@ async fn run(args: &Args, work: &Path) -> Value {
     wait_for_port(upstream_port, "nginx").await;
     wait_for_port(nginx_port, "nginx").await;
 
-    let billing_port = free_port();
-    let usage_port = free_port();
-    let gateway_port = free_port();
-    let billing = Service::start(
+    let billing = billing_spec(&args.bin_dir, &database_url)
+        .worker_threads(args.worker_threads)
+        .start()
+        .await;
+    let billing_port = billing.port;
+    let usage = usage_spec(&args.bin_dir, &redis_url, billing_port)
+        .worker_threads(args.worker_threads)
+        .start()
+        .await;
+    let usage_port = usage.port;
+    let gateway_spec = gateway_spec(
         &args.bin_dir,
-        "billing",
-        &[
-            ("DATABASE_URL", database_url.as_str()),
-            ("BILLING_LISTEN_ADDR", &format!("127.0.0.1:{billing_port}")),
-            ("BILLING_ADMIN_TOKEN", ADMIN_TOKEN),
-            (
-                "BILLING_METRICS_ADDR",
-                &format!("127.0.0.1:{}", free_port()),
-            ),
-            ("PAYGATE_SERVICE_TOKEN", SERVICE_TOKEN),
-        ],
-        args.worker_threads,
-    );
-    wait_for_port(billing_port, "billing").await;
-    let usage = Service::start(
-        &args.bin_dir,
-        "usage",
-        &[
-            ("REDIS_URL", redis_url.as_str()),
-            ("USAGE_LISTEN_ADDR", &format!("127.0.0.1:{usage_port}")),
-            ("USAGE_METRICS_ADDR", &format!("127.0.0.1:{}", free_port())),
-            ("BILLING_URL", &format!("http://127.0.0.1:{billing_port}")),
-            ("PAYGATE_SERVICE_TOKEN", SERVICE_TOKEN),
-        ],
-        args.worker_threads,
-    );
-    wait_for_port(usage_port, "usage").await;
-    let routes = work.join("routes.toml");
-    std::fs::write(
-        &routes,
-        format!("[[routes]]\nprefix = \"/\"\nupstream = \"http://127.0.0.1:{upstream_port}\"\nprice = 1\n"),
+        work,
+        &format!("127.0.0.1:{upstream_port}"),
+        args.backend_deadline_ms,
+        billing_port,
+        usage_port,
     )
-    .expect("the routes file");
-    let gateway_env = GatewayEnv {
-        bin_dir: args.bin_dir.clone(),
-        env: vec![
-            (
-                "GATEWAY_LISTEN_ADDR".into(),
-                format!("127.0.0.1:{gateway_port}"),
-            ),
-            ("GATEWAY_CONFIG".into(), routes.display().to_string()),
-            (
-                "GATEWAY_METRICS_ADDR".into(),
-                format!("127.0.0.1:{}", free_port()),
-            ),
-            (
-                "GATEWAY_BACKEND_DEADLINE_MS".into(),
-                args.backend_deadline_ms.to_string(),
-            ),
-            (
-                "BILLING_URL".into(),
-                format!("http://127.0.0.1:{billing_port}"),
-            ),
-            ("USAGE_URL".into(), format!("http://127.0.0.1:{usage_port}")),
-            ("PAYGATE_SERVICE_TOKEN".into(), SERVICE_TOKEN.into()),
-        ],
-        port: gateway_port,
-        threads: args.worker_threads,
-    };
-    let mut gateway = gateway_env.start().await;
+    .worker_threads(args.worker_threads);
+    let first_gateway = gateway_spec.start().await;
+    let gateway_port = first_gateway.port;
+    let mut gateway = first_gateway.process;
 
     println!("creating customers and keys…");
     let admin = admin_client(billing_port).await;
-    let single = key_on_new_plan(&admin, "bench-unlimited", 1_000_000_000_000).await;
-    let refused = key_on_new_plan(&admin, "bench-nothing", 0).await;
+    let single = key_with_quota(&admin, "bench-unlimited", 1_000_000_000_000)
+        .await
+        .0;
+    let refused = key_with_quota(&admin, "bench-nothing", 0).await.0;
     let started = Instant::now();
     let many = many_keys(&admin, args.keys).await;
     println!(
@@ -231,8 +169,8 @@ async fn run(args: &Args, work: &Path) -> Value {
     let mut cpu_per_admitted = Vec::new();
     let processes = [
         ("gateway", gateway.pid()),
-        ("usage", usage.pid()),
-        ("billing", billing.pid()),
+        ("usage", usage.process.pid()),
+        ("billing", billing.process.pid()),
         ("redis", redis_pid),
     ];
     for _ in 0..args.repeats {
@@ -268,7 +206,11 @@ async fn run(args: &Args, work: &Path) -> Value {
         if repeat > 0 {
             // A fresh gateway process: its entitlement cache is empty again.
             drop(gateway);
-            gateway = gateway_env.start().await;
+            gateway = restart_within(Duration::from_secs(30), || {
+                gateway_spec.start_on(gateway_port)
+            })
+            .await
+            .unwrap_or_else(|error| panic!("the gateway did not start again: {error}"));
             load.single(&gateway_url, &single, 1).await;
         }
         cold.push(
@@ -284,8 +226,8 @@ async fn run(args: &Args, work: &Path) -> Value {
     }
     let processes = [
         ("gateway", gateway.pid()),
-        ("usage", usage.pid()),
-        ("billing", billing.pid()),
+        ("usage", usage.process.pid()),
+        ("billing", billing.process.pid()),
         ("redis", redis_pid),
     ];
 
@@ -355,72 +297,7 @@ async fn run(args: &Args, work: &Path) -> Value {
 
 // ----- processes -----
 
-struct Service {
-    name: &'static str,
-    child: Child,
-}
-
-impl Service {
-    fn start(
-        bin_dir: &Path,
-        name: &'static str,
-        env: &[(&str, &str)],
-        threads: Option<usize>,
-    ) -> Self {
-        let binary = bin_dir.join(name);
-        let mut command = Command::new(&binary);
-        if let Some(threads) = threads {
-            command.env("TOKIO_WORKER_THREADS", threads.to_string());
-        }
-        let child = command
-            .envs(env.iter().copied())
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|error| panic!("failed to start `{}`: {error}", binary.display()));
-        Self { name, child }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        if self.child.wait().is_err() {
-            eprintln!("paygate-bench: `{}` did not stop", self.name);
-        }
-    }
-}
-
-struct GatewayEnv {
-    bin_dir: PathBuf,
-    env: Vec<(String, String)>,
-    port: u16,
-    threads: Option<usize>,
-}
-
-impl GatewayEnv {
-    async fn start(&self) -> Service {
-        let env: Vec<(&str, &str)> = self
-            .env
-            .iter()
-            .map(|(name, value)| (name.as_str(), value.as_str()))
-            .collect();
-        let service = Service::start(&self.bin_dir, "gateway", &env, self.threads);
-        wait_for_port(self.port, "gateway").await;
-        service
-    }
-}
-
-fn start_nginx(work: &Path, upstream_port: u16, proxy_port: u16) -> Service {
+fn start_nginx(work: &Path, upstream_port: u16, proxy_port: u16) -> Process {
     let dir = work.join("nginx");
     std::fs::create_dir_all(&dir).expect("nginx's directory");
     // One nginx serves both: the upstream answers by itself, and the proxy is the stock reverse-proxy
@@ -465,41 +342,15 @@ http {{
     );
     let config_path = dir.join("nginx.conf");
     std::fs::write(&config_path, config).expect("nginx.conf");
-    let child = Command::new("nginx")
+    let mut command = Command::new("nginx");
+    command
         .arg("-p")
         .arg(&dir)
         .arg("-e")
         .arg(dir.join("error.log"))
         .arg("-c")
-        .arg(&config_path)
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|error| panic!("failed to start nginx (is it installed?): {error}"));
-    Service {
-        name: "nginx",
-        child,
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .expect("a free port")
-}
-
-async fn wait_for_port(port: u16, name: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        assert!(
-            Instant::now() < deadline,
-            "{name} did not listen on port {port} within 60 s"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        .arg(&config_path);
+    Process::spawn("nginx", command)
 }
 
 async fn redis_pid(url: &str) -> u32 {
@@ -568,135 +419,6 @@ impl CpuShare {
         let total = per_process.iter().map(|(_, micros)| micros).sum();
         Self { per_process, total }
     }
-}
-
-// ----- setup through the admin API -----
-
-type Admin = BillingAdminClient<InterceptedService<Channel, BearerToken>>;
-type Usage = UsageClient<InterceptedService<Channel, BearerToken>>;
-
-const KEYS_PER_CUSTOMER: usize = 10;
-
-async fn admin_client(port: u16) -> Admin {
-    let channel = Channel::from_shared(format!("http://127.0.0.1:{port}"))
-        .expect("a URL")
-        .connect()
-        .await
-        .expect("billing");
-    BillingAdminClient::with_interceptor(channel, BearerToken::new(Some(ADMIN_TOKEN)))
-}
-
-async fn usage_client(port: u16) -> Usage {
-    let channel = Channel::from_shared(format!("http://127.0.0.1:{port}"))
-        .expect("a URL")
-        .connect()
-        .await
-        .expect("usage");
-    UsageClient::with_interceptor(channel, BearerToken::new(Some(SERVICE_TOKEN)))
-}
-
-async fn free_plan(admin: &Admin, code: &str, included_units: i64) -> String {
-    admin
-        .clone()
-        .create_plan(billing_pb::CreatePlanRequest {
-            price_micros: 0,
-            included_units,
-            features: Vec::new(),
-            ..plan_request(code)
-        })
-        .await
-        .expect("a plan")
-        .into_inner()
-        .id
-}
-
-/// Returns the subscription of a new customer to `plan_id`.
-async fn subscribed_customer(admin: &Admin, plan_id: &str) -> billing_pb::Subscription {
-    let customer = admin
-        .clone()
-        .create_customer(customer_request(&uuid::Uuid::new_v4().to_string()))
-        .await
-        .expect("a customer")
-        .into_inner();
-    admin
-        .clone()
-        .create_subscription(CreateSubscriptionRequest {
-            customer_id: customer.id,
-            plan_id: plan_id.to_owned(),
-        })
-        .await
-        .expect("a subscription")
-        .into_inner()
-}
-
-async fn issue_key(admin: &Admin, customer_id: &str) -> String {
-    admin
-        .clone()
-        .issue_api_key(IssueApiKeyRequest {
-            customer_id: customer_id.to_owned(),
-            name: "bench".into(),
-        })
-        .await
-        .expect("a key")
-        .into_inner()
-        .secret
-}
-
-async fn key_on_new_plan(admin: &Admin, code: &str, included_units: i64) -> String {
-    key_with_quota(admin, code, included_units).await.0
-}
-
-/// Returns a key of a new customer on a new free plan of `included_units` units (overage blocked), and
-/// the customer's subscription.
-async fn key_with_quota(
-    admin: &Admin,
-    code: &str,
-    included_units: i64,
-) -> (String, billing_pb::Subscription) {
-    let plan_id = free_plan(admin, code, included_units).await;
-    let subscription = subscribed_customer(admin, &plan_id).await;
-    (
-        issue_key(admin, &subscription.customer_id).await,
-        subscription,
-    )
-}
-
-/// Issues `count` keys, ten per customer, all on one plan with room for every request.
-async fn many_keys(admin: &Admin, count: usize) -> Vec<String> {
-    let plan_id = Arc::new(free_plan(admin, "bench-many", 1_000_000_000_000).await);
-    let permits = Arc::new(Semaphore::new(32));
-    let mut tasks = JoinSet::new();
-    for first in (0..count).step_by(KEYS_PER_CUSTOMER) {
-        let keys = KEYS_PER_CUSTOMER.min(count - first);
-        let (admin, plan_id, permits) = (admin.clone(), plan_id.clone(), permits.clone());
-        tasks.spawn(async move {
-            let _permit = permits.acquire_owned().await.expect("open semaphore");
-            let subscription = subscribed_customer(&admin, &plan_id).await;
-            let mut issued = Vec::with_capacity(keys);
-            for _ in 0..keys {
-                issued.push(issue_key(&admin, &subscription.customer_id).await);
-            }
-            issued
-        });
-    }
-    let mut keys = Vec::with_capacity(count);
-    while let Some(issued) = tasks.join_next().await {
-        keys.extend(issued.expect("a key-issuing task"));
-    }
-    keys
-}
-
-async fn units_used(usage: &Usage, subscription: &billing_pb::Subscription) -> i64 {
-    usage
-        .clone()
-        .get_usage(usage_pb::GetUsageRequest {
-            customer_id: subscription.customer_id.clone(),
-            subscription_id: subscription.id.clone(),
-            period_start: subscription.current_period_start,
-        })
-        .await
-        .map(|answer| answer.into_inner().units_used)
-        .unwrap_or(-1)
 }
 
 // ----- load -----
