@@ -66,7 +66,10 @@ impl Reconciler {
     /// Sweeps once at start and then every `interval`, and reconciles requested customers as they come,
     /// until `stop` is cancelled.
     pub async fn run(self, interval: Duration, stop: CancellationToken) {
-        metrics::counter!("paygate_usage_mirror_repairs_total").increment(0);
+        for direction in ["up", "down"] {
+            metrics::counter!("paygate_usage_mirror_repairs_total", "direction" => direction)
+                .increment(0);
+        }
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut cursor = 0;
