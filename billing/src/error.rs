@@ -1,14 +1,10 @@
 //! The billing service's errors and how they reach gRPC clients.
 
-use std::{
-    sync::{Mutex, PoisonError},
-    time::{Duration, Instant},
-};
-
 use tonic::Status;
 
 /// Failures to reach the database, which repeat on every call while it is down.
-static DATABASE_UNAVAILABLE: RepeatedFailure = RepeatedFailure::new();
+static DATABASE_UNAVAILABLE: telemetry::LogLimit =
+    telemetry::LogLimit::new(telemetry::REPEAT_INTERVAL);
 
 /// What can go wrong in billing: outcomes a caller can act on, plus one variant per infrastructure source.
 #[derive(Debug, thiserror::Error)]
@@ -40,8 +36,8 @@ impl From<BillingError> for Status {
 fn database_status(cause: &sqlx::Error) -> Status {
     match cause {
         cause if is_unavailable(cause) => {
-            if let Some(failures) = DATABASE_UNAVAILABLE.count() {
-                tracing::error!(error = %cause, failures, "database unavailable");
+            if let Some(suppressed) = DATABASE_UNAVAILABLE.event() {
+                tracing::error!(error = %cause, suppressed, "database unavailable");
             }
             Status::unavailable("billing database unavailable")
         }
@@ -77,44 +73,5 @@ pub fn is_unique_violation(error: &sqlx::Error, constraint: &str) -> bool {
             database.is_unique_violation() && database.constraint() == Some(constraint)
         }
         _ => false,
-    }
-}
-
-/// A failure that may repeat on every call during an outage: logged at once the first time, then once per
-/// `REPEAT_LOG_INTERVAL` with how many times it happened meanwhile (DESIGN §7).
-struct RepeatedFailure {
-    state: Mutex<Option<(Instant, u64)>>,
-}
-
-/// How often a repeating failure is logged.
-const REPEAT_LOG_INTERVAL: Duration = Duration::from_secs(10);
-
-impl RepeatedFailure {
-    const fn new() -> Self {
-        Self {
-            state: Mutex::new(None),
-        }
-    }
-
-    /// Returns how many failures the line about this one stands for, or `None` when it is counted
-    /// for a later line instead.
-    fn count(&self) -> Option<u64> {
-        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        match &mut *state {
-            Some((logged, unlogged)) if logged.elapsed() < REPEAT_LOG_INTERVAL => {
-                *unlogged += 1;
-                None
-            }
-            Some((logged, unlogged)) => {
-                let failures = *unlogged + 1;
-                *logged = Instant::now();
-                *unlogged = 0;
-                Some(failures)
-            }
-            None => {
-                *state = Some((Instant::now(), 0));
-                Some(1)
-            }
-        }
     }
 }

@@ -35,8 +35,6 @@ use proto::{
     usage::v1::{self as usage_pb, usage_client::UsageClient},
 };
 
-use crate::log_limit::{EVERY_FIVE_SECONDS, LogLimit};
-
 /// A client of billing's internal API, carrying the service token.
 pub type BillingClient = EntitlementsClient<InterceptedService<Channel, BearerToken>>;
 /// A client of usage's API, carrying the service token.
@@ -337,8 +335,8 @@ impl Backends {
     }
 }
 
-static REFUND_FAILED: LogLimit = LogLimit::new(EVERY_FIVE_SECONDS);
-static REFUND_ABANDONED: LogLimit = LogLimit::new(EVERY_FIVE_SECONDS);
+static REFUND_FAILED: telemetry::LogLimit = telemetry::LogLimit::new(telemetry::REPEAT_INTERVAL);
+static REFUND_ABANDONED: telemetry::LogLimit = telemetry::LogLimit::new(telemetry::REPEAT_INTERVAL);
 
 fn refund_in_background(
     usage: &UsageApiClient,

@@ -23,10 +23,7 @@ use tonic::Request;
 
 use proto::billing::v1::{self as billing_pb, change_event::Change};
 
-use crate::{
-    backends::{BackendError, Backends},
-    log_limit::{EVERY_FIVE_SECONDS, LogLimit},
-};
+use crate::backends::{BackendError, Backends};
 
 /// How long a known key's answer is used without asking billing again while the change stream is up.
 const FRESH_WHILE_STREAM_UP: Duration = Duration::from_secs(60);
@@ -113,8 +110,8 @@ pub struct EntitlementCache {
     stale_for: Duration,
 }
 
-static RESOLVE_FAILED: LogLimit = LogLimit::new(EVERY_FIVE_SECONDS);
-static STREAM_LOST: LogLimit = LogLimit::new(EVERY_FIVE_SECONDS);
+static RESOLVE_FAILED: telemetry::LogLimit = telemetry::LogLimit::new(telemetry::REPEAT_INTERVAL);
+static STREAM_LOST: telemetry::LogLimit = telemetry::LogLimit::new(telemetry::REPEAT_INTERVAL);
 
 impl EntitlementCache {
     /// Returns an empty cache that resolves misses through `backends` and keeps known entitlements in

@@ -7,7 +7,6 @@
 //! - `routes`: the routes file and longest-prefix lookup
 //! - `headers`: API-key extraction and header hygiene toward upstreams and clients
 //! - `client_ip`: the client's address, behind trusted proxies or not
-//! - `log_limit`: one log line per interval for failures that repeat
 //! - `problem`: problem+json bodies and the human pages per code
 //! - `backends`: billing and usage calls with deadlines and circuit breakers
 //! - `entitlements`: the entitlement cache and billing's change stream
@@ -23,7 +22,6 @@ pub mod connections;
 pub mod entitlements;
 pub mod framing;
 pub mod headers;
-pub mod log_limit;
 pub mod problem;
 pub mod proxy;
 pub mod routes;

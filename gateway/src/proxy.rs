@@ -26,7 +26,6 @@ use crate::{
     backends::{BackendError, Backends},
     entitlements::{EntitlementCache, Lookup},
     headers::{self, Forwarding, KeySource},
-    log_limit::{EVERY_FIVE_SECONDS, LogLimit},
     problem::{Actions, Code, Money, Problem},
     routes::{FailureMode, Route, RouteTable, RoutesFile},
     stats::{CustomerStats, RequestRecord},
@@ -731,9 +730,9 @@ impl Drop for ChargeGuard<'_> {
     }
 }
 
-static USAGE_FAILED: LogLimit = LogLimit::new(EVERY_FIVE_SECONDS);
-static UPSTREAM_FAILED: LogLimit = LogLimit::new(EVERY_FIVE_SECONDS);
-static DEGRADED_PASS: LogLimit = LogLimit::new(EVERY_FIVE_SECONDS);
+static USAGE_FAILED: telemetry::LogLimit = telemetry::LogLimit::new(telemetry::REPEAT_INTERVAL);
+static UPSTREAM_FAILED: telemetry::LogLimit = telemetry::LogLimit::new(telemetry::REPEAT_INTERVAL);
+static DEGRADED_PASS: telemetry::LogLimit = telemetry::LogLimit::new(telemetry::REPEAT_INTERVAL);
 
 /// `Forwarding` with owned strings, so it can outlive the request it was read from.
 struct OwnedForwarding {

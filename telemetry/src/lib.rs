@@ -26,7 +26,10 @@ const BUCKETS: &[f64] = &[
 /// How often histogram samples are folded in when nobody scrapes.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
+pub mod log_limit;
 pub mod traces;
+
+pub use log_limit::{LogLimit, REPEAT_INTERVAL};
 
 /// Installs the subscriber of a service binary: logs filtered by `RUST_LOG` (default `info`) as lines on
 /// stdout, and, when `OTEL_EXPORTER_OTLP_ENDPOINT` is set, every span at `info` or above exported over OTLP

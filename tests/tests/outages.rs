@@ -158,9 +158,14 @@ async fn timed<T>(
 
 /// Asserts that every call was refused as UNAVAILABLE within a generous bound (the goal is 100 ms).
 fn assert_refused_fast(refusals: &[(Result<(), Code>, Duration)]) {
+    assert_refused_within(refusals, Duration::from_secs(1));
+}
+
+/// Asserts that every call was refused as UNAVAILABLE within `bound`.
+fn assert_refused_within(refusals: &[(Result<(), Code>, Duration)], bound: Duration) {
     for (answer, took) in refusals {
         assert_eq!(*answer, Err(Code::Unavailable));
-        assert!(*took <= Duration::from_secs(1), "a refusal took {took:?}");
+        assert!(*took <= bound, "a refusal took {took:?}");
     }
 }
 
@@ -290,7 +295,12 @@ async fn billing_refuses_at_once_while_its_database_is_down_and_serves_soon_afte
         while_known_down.1
     );
     assert!(before.is_ok());
-    assert_refused_fast(&refusals);
+    // Calls made before the probe noticed may wait for a pool connection (DB_ACQUIRE_TIMEOUT: a busy pool
+    // is not an outage); once it has noticed, every call is refused at once.
+    assert_refused_within(
+        &refusals,
+        billing::DB_ACQUIRE_TIMEOUT + Duration::from_secs(1),
+    );
     assert_refused_fast(&[while_known_down]);
     assert!(admin_again.is_ok());
     assert_eq!(healthy_again, [Ok(ServingStatus::Serving); 3]);

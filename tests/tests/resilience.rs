@@ -276,6 +276,32 @@ async fn ask_until(
     }
 }
 
+/// Asks with `secret` until an answer is not 200, which must be 503 `billing_unavailable` and come within
+/// `limit` of `since`; returns how many were served before it and when it came.
+async fn serve_until_refused(
+    gateway: &Gateway,
+    secret: &str,
+    since: Instant,
+    limit: Duration,
+) -> (usize, Instant) {
+    let mut served = 0;
+    loop {
+        let answer = ask(gateway, secret).await;
+        if answer.status != StatusCode::OK {
+            assert_eq!(code(&answer), "billing_unavailable", "{:?}", answer.body);
+            return (served, Instant::now());
+        }
+        assert!(answer.headers.get("paygate-degraded").is_none());
+        served += 1;
+        assert!(
+            since.elapsed() < limit,
+            "still served {:?} after billing lost its footing",
+            since.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
 async fn invented_keys_with_valid_checksums_never_pass_an_open_route_while_billing_is_down() {
     let (admin, options) = admin_billing().await;
@@ -328,22 +354,8 @@ async fn a_cached_entitlement_is_served_for_the_stale_window_while_billing_is_do
 
     let killed = Instant::now();
     gateway_billing.kill().await;
-    let mut served = 0;
-    let refused_at = loop {
-        let answer = ask(&gateway, &customer.secret).await;
-        if answer.status != StatusCode::OK {
-            assert_eq!(code(&answer), "billing_unavailable", "{:?}", answer.body);
-            break Instant::now();
-        }
-        assert!(answer.headers.get("paygate-degraded").is_none());
-        served += 1;
-        assert!(
-            killed.elapsed() < window + RECOVERY_BOUND,
-            "still served {:?} after billing died",
-            killed.elapsed()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let (served, refused_at) =
+        serve_until_refused(&gateway, &customer.secret, killed, window + RECOVERY_BOUND).await;
     let (_billing_again, _) = start_billing(options, billing_addr).await;
     let restarted = Instant::now();
     let served_again = ask_until(
@@ -503,24 +515,16 @@ async fn a_cached_entitlement_is_served_while_billings_database_is_down_for_the_
     let unseen = keyed_customer(&admin, Some(plan(10_000))).await;
     assert_eq!(ask(&gateway, &customer.secret).await.status, StatusCode::OK);
 
-    postgres.kill().await;
     let killed = Instant::now();
+    postgres.kill().await;
     let unseen_while_down = ask(&gateway, &unseen.secret).await;
-    let mut served = 0;
-    let refused_at = loop {
-        let answer = ask(&gateway, &customer.secret).await;
-        if answer.status != StatusCode::OK {
-            assert_eq!(code(&answer), "billing_unavailable", "{:?}", answer.body);
-            break Instant::now();
-        }
-        served += 1;
-        assert!(
-            killed.elapsed() < window + RECOVERY_BOUND * 2,
-            "still served {:?} after the database died",
-            killed.elapsed()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let (served, refused_at) = serve_until_refused(
+        &gateway,
+        &customer.secret,
+        killed,
+        window + RECOVERY_BOUND * 2,
+    )
+    .await;
     postgres.start().await;
     let restarted = Instant::now();
     let served_again =

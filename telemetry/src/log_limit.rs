@@ -1,6 +1,7 @@
 //! Log lines for failures that repeat (a backend down, refused requests during an outage): the first is
 //! written at once, the rest are counted and summarised once per interval, so an outage at thousands of
-//! requests a second writes a handful of lines, not thousands (DESIGN §7).
+//! requests a second writes a handful of lines, not thousands (DESIGN §7). Every service uses it, so the
+//! lines look alike: the event's message, with `suppressed` = how many like it went unwritten since.
 
 use std::{
     sync::Mutex,
@@ -54,8 +55,8 @@ impl LogLimit {
     }
 }
 
-/// The interval the gateway's repeated-failure lines use.
-pub const EVERY_FIVE_SECONDS: Duration = Duration::from_secs(5);
+/// The interval repeated-failure lines use.
+pub const REPEAT_INTERVAL: Duration = Duration::from_secs(10);
 
 #[cfg(test)]
 mod tests {
