@@ -167,7 +167,10 @@ impl EntitlementCache {
 
     /// Tells whether a known entry may stand in for billing's answer while billing cannot be reached.
     fn is_usable_stale(&self, entry: &Entry, now: Instant) -> bool {
-        if entry.entitlement.is_none() || entry.holds_until.is_some_and(|until| now >= until) {
+        if self.stale_for.is_zero()
+            || entry.entitlement.is_none()
+            || entry.holds_until.is_some_and(|until| now >= until)
+        {
             return false;
         }
         let current_as_of = match self.stream() {
