@@ -21,9 +21,10 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 pub const PROBE_INTERVAL: Duration = Duration::from_millis(100);
 /// How long a probe (connecting included) may take before it counts as a failure.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(250);
-/// Probes that time out in a row before the database counts as unreachable: one slow answer on a loaded
-/// host is not an outage. A refused or broken connection counts at once.
-const TIMEOUTS_BEFORE_DOWN: u32 = 2;
+/// Probes that time out in a row before the database counts as unreachable: slow answers on a loaded
+/// host (a burst of calls on two cores) are not an outage; about a second of silence
+/// is. A refused or broken connection counts at once.
+const TIMEOUTS_BEFORE_DOWN: u32 = 4;
 /// How often a continuing outage is logged.
 const OUTAGE_LOG_INTERVAL: Duration = Duration::from_secs(10);
 

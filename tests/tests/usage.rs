@@ -290,6 +290,47 @@ async fn a_burst_beyond_the_rate_limit_admits_the_burst_and_says_when_to_retry()
 }
 
 #[tokio::test]
+async fn an_admission_arriving_after_its_own_refund_takes_nothing() {
+    let billing = spawn_billing(fresh_database().await).await;
+    let usage = spawn_usage(&billing).await;
+    let subscriber = subscribe(&billing, free_plan("refunded-first", 1)).await;
+    let mut client = usage.client().await;
+    let refund_request = RefundRequest {
+        request_id: "late".into(),
+        customer_id: subscriber.customer_id.clone(),
+    };
+
+    let early_refund = client
+        .refund(refund_request.clone())
+        .await
+        .expect("refund")
+        .into_inner();
+    let late_admission = client
+        .admit(subscriber.admit("late"))
+        .await
+        .expect("admit")
+        .into_inner();
+    let second_refund = client
+        .refund(refund_request)
+        .await
+        .expect("refund")
+        .into_inner();
+    let used = usage_figures(&mut client, &subscriber).await.units_used;
+    let another = client
+        .admit(subscriber.admit("other"))
+        .await
+        .expect("admit")
+        .into_inner();
+
+    assert!(!early_refund.refunded);
+    assert_ne!(late_admission.decision(), Decision::Admitted);
+    assert!(late_admission.replayed);
+    assert!(!second_refund.refunded);
+    assert_eq!(used, 0);
+    assert_eq!(another.decision(), Decision::Admitted);
+}
+
+#[tokio::test]
 async fn a_retried_request_is_counted_once_and_a_refund_gives_back_once() {
     let billing = spawn_billing(fresh_database().await).await;
     let usage = spawn_usage(&billing).await;

@@ -19,6 +19,9 @@ use uuid::Uuid;
 
 /// How long an admission is remembered for replays and refunds.
 const REQUEST_TTL_SECONDS: u64 = 24 * 3600;
+/// The request record of an id refunded before any admission: the answer of a refusal (rate limited, retry
+/// at once) taking nothing, already marked refunded (admit_core.lua's record format).
+const REFUNDED_BEFORE_ADMISSION: &str = "2,0,0,0,0,0,-1,0,0,0;0;0;0;-;-;1";
 /// How long a period's counter outlives the period, for late refunds and reads.
 const QUOTA_RETENTION_MS: i64 = 7 * 24 * 3600 * 1000;
 
@@ -564,16 +567,35 @@ impl Counters {
         let mut connection = self.connection.clone();
         let request_key = self.keys.request(customer, request_id);
         // The record names the quota key it used; the script checks it again, so reading it first is safe.
-        let record: Option<String> = redis::cmd("GET")
-            .arg(&request_key)
-            .query_async(&mut connection)
-            .await?;
-        let Some(quota_key) = record
-            .as_deref()
-            .and_then(|record| record.split(';').nth(4))
-            .map(str::to_owned)
-        else {
+        let record = loop {
+            let record: Option<String> = redis::cmd("GET")
+                .arg(&request_key)
+                .query_async(&mut connection)
+                .await?;
+            if let Some(record) = record {
+                break record;
+            }
+            // No admission under this id, or not yet: the gateway refunds whatever it cannot know the
+            // outcome of, and its admission may still be on its way (usage slow, the gateway's deadline
+            // passed). A tombstone makes that admission, if it comes, a replay of a refusal that takes
+            // nothing. Set only if still absent; if the admission won the race, refund it.
+            let placed: Option<String> = redis::cmd("SET")
+                .arg(&request_key)
+                .arg(REFUNDED_BEFORE_ADMISSION)
+                .arg("EX")
+                .arg(REQUEST_TTL_SECONDS)
+                .arg("NX")
+                .query_async(&mut connection)
+                .await?;
+            if placed.is_some() {
+                return Ok(Refunded::default());
+            }
+        };
+        if record.rsplit(';').next() == Some("1") {
             return Ok(Refunded::default());
+        }
+        let Some(quota_key) = record.split(';').nth(4).map(str::to_owned) else {
+            return Err(unexpected_reply("refund"));
         };
         if !quota_key.starts_with(&self.keys.customer(customer)) {
             return Err(unexpected_reply("refund"));
