@@ -398,7 +398,21 @@ async fn gateway_binary() -> PathBuf {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let built = tokio::process::Command::new(&cargo)
         .current_dir(&root)
-        .args(["build", "--locked", "-p", "gateway", "--bin", "gateway"])
+        // The same packages as the walkthrough test builds, so the two share one set of artifacts instead
+        // of each compiling the dependencies with its own feature set.
+        .args([
+            "build",
+            "--locked",
+            "-p",
+            "billing",
+            "-p",
+            "usage",
+            "-p",
+            "gateway",
+            "-p",
+            "paygatectl",
+            "--bins",
+        ])
         .arg("--target-dir")
         .arg(&target)
         .status()
