@@ -10,6 +10,7 @@
 //! - `usage_service`: the usage service in-process, its clients and counters
 //! - `gateway_service`: the gateway in-process, a scriptable upstream and an HTTP client
 //! - `bench`: what the benchmark programs share (services as processes, killable PostgreSQL and Redis)
+//! - `tls`: throwaway certificate authorities and the certificates they issue
 //! - this file: `fresh_database`, `spawn_billing`, the clients and small request builders
 
 pub mod bench;
@@ -17,6 +18,7 @@ mod gateway_service;
 mod postgres;
 mod redis_server;
 mod supervisor;
+pub mod tls;
 mod usage_service;
 
 pub use postgres::{RestartablePostgres, spawn_restartable_postgres};
