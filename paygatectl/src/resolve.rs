@@ -61,53 +61,55 @@ const FLAGS: &[(&str, &str)] = &[
     ("paygate-actor", "--actor"),
 ];
 
-/// Rewrites a message of billing for a person at paygatectl: each `` `field` `` becomes its flag, and a
-/// `got <micros>` after a money field becomes an amount (`-5.00 USD`).
+/// Words in billing's messages after which an amount in micros follows.
+const MONEY_MARKERS: &[&str] = &["got ", "balance ", "adjustment "];
+
+/// Rewrites a message of billing for a person at paygatectl: the `` `field` `` it starts with becomes its
+/// flag, and micros after a money field (or in a message about the balance) become amounts (`-5.00 USD`).
+/// Only the leading field is rewritten: later backticks quote values the operator typed.
 pub(crate) fn in_flags(message: &str, currency: Option<&str>) -> String {
-    let mut words = String::with_capacity(message.len());
-    let mut money = false;
-    let mut rest = message;
-    while let Some(start) = rest.find('`') {
-        let Some(length) = rest[start + 1..].find('`') else {
-            break;
-        };
-        let field = &rest[start + 1..start + 1 + length];
-        words.push_str(&rest[..start]);
-        match FLAGS.iter().find(|(name, _)| *name == field) {
-            Some((name, flag)) => {
-                money |= name.ends_with("_micros");
-                words.push_str(flag);
-            }
-            None => words.push_str(&rest[start..start + length + 2]),
-        }
-        rest = &rest[start + length + 2..];
+    let leading = message.strip_prefix('`').and_then(|rest| {
+        let (field, rest) = rest.split_once('`')?;
+        let (name, flag) = FLAGS.iter().find(|(name, _)| *name == field)?;
+        Some((format!("{flag}{rest}"), name.ends_with("_micros")))
+    });
+    match leading {
+        Some((words, true)) => amounts_in_currency(&words, currency),
+        Some((words, false)) => words,
+        None if message.contains("balance") => amounts_in_currency(message, currency),
+        None => message.to_owned(),
     }
-    words.push_str(rest);
-    if money {
-        words = amounts_in_currency(&words, currency);
-    }
-    words
 }
 
-/// Replaces `got <micros>` by `got <amount> <currency>`.
+/// Replaces each number of micros after a money marker by an amount, with `currency` when known.
 fn amounts_in_currency(message: &str, currency: Option<&str>) -> String {
-    let Some((before, after)) = message.split_once("got ") else {
-        return message.to_owned();
-    };
-    let digits = after
-        .char_indices()
-        .take_while(|(index, char)| char.is_ascii_digit() || (*index == 0 && *char == '-'))
-        .count();
-    match after[..digits].parse::<i64>() {
-        Ok(micros) => {
-            let shown = match currency {
-                Some(currency) => format!("{} {currency}", amount(micros)),
-                None => amount(micros),
-            };
-            format!("{before}got {shown}{}", &after[digits..])
+    let mut shown = String::with_capacity(message.len() + 16);
+    let mut rest = message;
+    while let Some(start) = MONEY_MARKERS
+        .iter()
+        .filter_map(|marker| rest.find(marker).map(|at| at + marker.len()))
+        .min()
+    {
+        shown.push_str(&rest[..start]);
+        rest = &rest[start..];
+        let digits = rest
+            .char_indices()
+            .take_while(|(index, char)| char.is_ascii_digit() || (*index == 0 && *char == '-'))
+            .count();
+        match rest[..digits].parse::<i64>() {
+            Ok(micros) => {
+                shown.push_str(&amount(micros));
+                if let Some(currency) = currency {
+                    shown.push(' ');
+                    shown.push_str(currency);
+                }
+            }
+            Err(_) => shown.push_str(&rest[..digits]),
         }
-        Err(_) => message.to_owned(),
+        rest = &rest[digits..];
     }
+    shown.push_str(rest);
+    shown
 }
 
 /// Tells whether `text` has the shape of a UUID (the ids billing hands out), as opposed to a code or name.
@@ -257,6 +259,17 @@ mod tests {
             "<ID> must be a UUID"
         );
         assert_eq!(in_flags("customer not found", None), "customer not found");
+        assert_eq!(
+            in_flags(
+                "the adjustment would take the balance below zero (balance 0, adjustment -5000000)",
+                Some("EUR")
+            ),
+            "the adjustment would take the balance below zero (balance 0.00 EUR, adjustment -5.00 EUR)"
+        );
+        assert_eq!(
+            in_flags("reference `note` was used for a different request", None),
+            "reference `note` was used for a different request"
+        );
     }
 
     #[test]
