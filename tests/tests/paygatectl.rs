@@ -163,7 +163,7 @@ async fn errors_say_what_is_wrong_in_one_line() {
     let invalid = ctl(&billing, &["subscriptions", "cancel", "not-a-uuid"]).await;
     let missing = ctl(
         &billing,
-        &["customers", "get", "00000000-0000-7000-8000-000000000000"],
+        &["keys", "revoke", "00000000-0000-7000-8000-000000000000"],
     )
     .await;
 
