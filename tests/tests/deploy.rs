@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use clap::CommandFactory;
+use clap::{CommandFactory, Parser};
 
 /// Service name → its `environment:` entries, read from the compose file's plain YAML layout.
 fn compose_environments(compose: &str) -> BTreeMap<String, BTreeMap<String, String>> {
