@@ -21,6 +21,17 @@ RUN cargo build --release --locked -p billing -p usage -p gateway -p paygatectl 
        target/release/demo-upstream /out/
 
 FROM debian:bookworm-slim
+# ca-certificates: the system roots that https:// upstreams, rediss:// and sslmode=verify-full are checked
+# against when no CA file is given.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates \
+ && rm -rf /var/lib/apt/lists/*
 RUN useradd --system --uid 10001 --no-create-home paygate
 COPY --from=build /out/ /usr/local/bin/
 USER paygate
+# gateway HTTP, billing gRPC (admin API included), usage gRPC, demo-upstream HTTP; then the /metrics ports
+# of gateway, billing and usage.
+EXPOSE 8080 50051 50052 9000 9100 9101 9102
+# No ENTRYPOINT: the command is the binary to run (`billing`, `usage`, `paygatectl plans list`, ...), all on
+# PATH. Healthchecks use `paygatectl health grpc|http`, so the image needs no shell tools for them.
+CMD ["gateway"]

@@ -703,11 +703,21 @@ impl pb::billing_admin_server::BillingAdmin for AdminApi {
         &self,
         request: Request<pb::GetCustomerRequest>,
     ) -> Result<Response<pb::Customer>, Status> {
-        let id = CustomerId::parse(&request.get_ref().customer_id)?;
-        let row = store::get_customer(&self.state.db, id)
-            .await
-            .map_err(BillingError::from)?
-            .ok_or(BillingError::NotFound("customer"))?;
+        let lookup = request.into_inner();
+        let row = match (lookup.customer_id.as_str(), lookup.external_id.as_str()) {
+            (id, "") => store::get_customer(&self.state.db, CustomerId::parse(id)?).await,
+            ("", external_id) => {
+                store::get_customer_by_external_id(&self.state.db, external_id).await
+            }
+            _ => {
+                return Err(BillingError::InvalidArgument(
+                    "set one of `customer_id` and `external_id`, not both".to_owned(),
+                )
+                .into());
+            }
+        }
+        .map_err(BillingError::from)?
+        .ok_or(BillingError::NotFound("customer"))?;
         Ok(Response::new(customer_to_proto(row)))
     }
 

@@ -56,6 +56,20 @@ pub async fn get_customer(
     .await
 }
 
+/// Returns the customer with this external id, or `None` when there is none.
+pub async fn get_customer_by_external_id(
+    db: impl PgExecutor<'_>,
+    external_id: &str,
+) -> sqlx::Result<Option<CustomerRow>> {
+    sqlx::query_as!(
+        CustomerRow,
+        r#"SELECT id, external_id, name, email, currency, created_at FROM customers WHERE external_id = $1"#,
+        external_id,
+    )
+    .fetch_optional(db)
+    .await
+}
+
 /// Returns the customer locked for the rest of the transaction, which serialises every change to one
 /// customer's subscriptions and balance; `None` when there is none.
 pub async fn lock_customer(

@@ -1,9 +1,13 @@
 //! paygatectl: the command-line client of billing's admin API (`billing.v1.BillingAdmin`). Readable tables
 //! by default, `--json` for scripts, `--quiet` to print only the id of what was created.
 //!
-//! Layout: this file holds the command line and the calls; `output` renders answers as tables or JSON.
+//! Layout: this file holds the command line and the calls; `resolve` turns plan codes and customer external
+//! ids into ids and billing's field names into flags; `output` renders answers as tables or JSON; `health`
+//! holds the container healthchecks.
 
+pub mod health;
 pub mod output;
+mod resolve;
 
 use std::{io::Write, time::Duration};
 
@@ -16,34 +20,46 @@ use tonic::{
 
 use proto::billing::v1::{self as pb, billing_admin_client::BillingAdminClient};
 
-use crate::output::{Format, Render};
+use crate::{
+    output::{Format, Render},
+    resolve::Failure,
+};
 
 /// The command line.
 #[derive(Debug, Parser)]
 #[command(
     name = "paygatectl",
     version,
-    about = "Administer paygate billing: customers, plans, subscriptions, payments, credits, keys"
+    about = "Administer paygate billing: customers, plans, subscriptions, payments, credits, keys",
+    after_help = "Where an id is asked for, a customer's external id or a plan's code works too.\n\
+                  Set PAYGATE_ADMIN_URL and PAYGATE_ADMIN_TOKEN once instead of passing --url and --token."
 )]
 pub struct Cli {
-    /// Where billing's admin API is.
+    /// Where billing's admin API is; or set PAYGATE_ADMIN_URL.
     #[arg(
         long,
         env = "PAYGATE_ADMIN_URL",
         default_value = "http://127.0.0.1:50051",
-        global = true
+        global = true,
+        help_heading = "Connection"
     )]
     pub url: String,
-    /// The admin token (BILLING_ADMIN_TOKEN of billing).
+    /// The admin token (billing's BILLING_ADMIN_TOKEN); or set PAYGATE_ADMIN_TOKEN.
     #[arg(
         long,
         env = "PAYGATE_ADMIN_TOKEN",
         hide_env_values = true,
-        global = true
+        global = true,
+        help_heading = "Connection"
     )]
     pub token: Option<String>,
-    /// Who is acting, for the audit log.
-    #[arg(long, env = "PAYGATE_ACTOR", global = true)]
+    /// Who is acting, for the audit log; or set PAYGATE_ACTOR.
+    #[arg(
+        long,
+        env = "PAYGATE_ACTOR",
+        global = true,
+        help_heading = "Connection"
+    )]
     pub actor: Option<String>,
     /// Print JSON instead of tables.
     #[arg(long, global = true, conflicts_with = "quiet")]
@@ -81,21 +97,25 @@ pub enum Command {
     Stats(StatsArgs),
     /// The audit log, newest first.
     Audit(AuditArgs),
+    /// Healthchecks for containers: exit 0 only when the service is serving.
+    #[command(subcommand)]
+    Health(health::HealthCommand),
 }
 
 #[derive(Debug, Args)]
 pub struct StatsArgs {
-    /// Customer id.
+    /// Customer id or external id.
     #[arg(long)]
     pub customer: String,
     /// How many hours back from now (at most 744, 31 days).
-    #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u32).range(1..=744))]
+    #[arg(long, default_value_t = 24, allow_negative_numbers = true,
+          value_parser = clap::value_parser!(u32).range(1..=744))]
     pub hours: u32,
 }
 
 #[derive(Debug, Args)]
 pub struct CustomerArg {
-    /// Customer id.
+    /// Customer id or external id.
     #[arg(long)]
     pub customer: String,
 }
@@ -117,12 +137,13 @@ pub enum CustomerCommand {
     },
     /// Show one customer.
     Get {
-        /// Customer id.
+        /// Customer id or external id.
+        #[arg(value_name = "CUSTOMER")]
         id: String,
     },
     /// List customers, oldest first.
     List {
-        #[arg(long, default_value_t = 50)]
+        #[arg(long, default_value_t = 50, allow_negative_numbers = true, value_parser = parse_count)]
         page_size: u32,
         /// Token printed after the previous page.
         #[arg(long, default_value = "")]
@@ -158,30 +179,30 @@ pub enum PlanCommand {
         #[arg(long, default_value = "USD")]
         currency: String,
         /// Price of one period, in currency units (`29` or `29.99`); 0 makes a free plan.
-        #[arg(long, default_value = "0", value_parser = parse_amount)]
+        #[arg(long, default_value = "0", allow_negative_numbers = true, value_parser = parse_price)]
         price: i64,
         #[arg(long, value_enum, default_value_t = Interval::Month)]
         interval: Interval,
         /// Units included per period.
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true, value_parser = parse_units)]
         included_units: i64,
         /// At most this many requests per --rate-period-ms (0: no rate limit).
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = 0, allow_negative_numbers = true, value_parser = parse_count)]
         rate_limit: u32,
-        #[arg(long, default_value_t = 1000)]
+        #[arg(long, default_value_t = 1000, allow_negative_numbers = true, value_parser = parse_count)]
         rate_period_ms: u32,
         /// Requests allowed at once on top of the steady rate (default 1 when rate limited).
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = 0, allow_negative_numbers = true, value_parser = parse_count)]
         burst: u32,
         #[arg(long, value_enum, default_value_t = Overage::Block)]
         overage: Overage,
         /// Price of one unit beyond the quota, from credits (`0.001`); only with --overage credits.
-        #[arg(long, default_value = "0", value_parser = parse_amount)]
+        #[arg(long, default_value = "0", allow_negative_numbers = true, value_parser = parse_price)]
         unit_price: i64,
         /// How long a late payment keeps being served, in seconds.
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = 0, allow_negative_numbers = true, value_parser = parse_count)]
         grace_seconds: u32,
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = 0, allow_negative_numbers = true, value_parser = parse_count)]
         trial_days: u32,
         /// A feature the plan grants (repeatable).
         #[arg(long = "feature")]
@@ -195,7 +216,8 @@ pub enum PlanCommand {
     },
     /// Archive a plan: no new subscriptions; existing ones keep it.
     Archive {
-        /// Plan id.
+        /// Plan id or code.
+        #[arg(value_name = "PLAN")]
         id: String,
     },
 }
@@ -204,8 +226,10 @@ pub enum PlanCommand {
 pub enum SubscriptionCommand {
     /// Subscribe a customer to a plan.
     Create {
+        /// Customer id or external id.
         #[arg(long)]
         customer: String,
+        /// Plan id or code.
         #[arg(long)]
         plan: String,
     },
@@ -215,6 +239,7 @@ pub enum SubscriptionCommand {
     ChangePlan {
         /// Subscription id.
         id: String,
+        /// Plan id or code.
         #[arg(long)]
         plan: String,
     },
@@ -239,12 +264,13 @@ pub enum Purpose {
 pub enum PaymentCommand {
     /// Record a payment your payment provider took (or failed to take).
     Record {
+        /// Customer id or external id.
         #[arg(long)]
         customer: String,
         #[arg(long, value_enum)]
         purpose: Purpose,
         /// Amount in currency units (`29.99`).
-        #[arg(long, value_parser = parse_amount)]
+        #[arg(long, allow_negative_numbers = true, value_parser = parse_positive_amount)]
         amount: i64,
         /// Unique per payment, such as the provider's charge id; retrying with it is safe.
         #[arg(long)]
@@ -263,10 +289,11 @@ pub enum PaymentCommand {
 pub enum CreditCommand {
     /// Grant credits without a payment.
     Grant {
+        /// Customer id or external id.
         #[arg(long)]
         customer: String,
-        /// Amount in currency units.
-        #[arg(long, value_parser = parse_amount)]
+        /// Amount in currency units (`12.50`); to take credits away use `credits adjust`.
+        #[arg(long, allow_negative_numbers = true, value_parser = parse_positive_amount)]
         amount: i64,
         /// Unique reference; granting twice with it applies once.
         #[arg(long)]
@@ -276,10 +303,11 @@ pub enum CreditCommand {
     },
     /// Correct a balance up or down (never below zero).
     Adjust {
+        /// Customer id or external id.
         #[arg(long)]
         customer: String,
         /// Signed amount in currency units (`-5` or `2.50`).
-        #[arg(long, value_parser = parse_amount, allow_hyphen_values = true)]
+        #[arg(long, allow_negative_numbers = true, value_parser = parse_nonzero_amount)]
         amount: i64,
         #[arg(long)]
         reference: String,
@@ -297,6 +325,7 @@ pub enum CreditCommand {
 pub enum KeyCommand {
     /// Issue a key; its secret is printed this once.
     Issue {
+        /// Customer id or external id.
         #[arg(long)]
         customer: String,
         #[arg(long, default_value = "")]
@@ -313,17 +342,17 @@ pub enum KeyCommand {
     Rotate {
         /// Key id.
         id: String,
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = 0, allow_negative_numbers = true, value_parser = parse_count)]
         grace_seconds: u32,
     },
 }
 
 #[derive(Debug, Args)]
 pub struct AuditArgs {
-    /// Only events about this id.
+    /// Only events about this id (a customer's external id or a plan's code works too).
     #[arg(long, default_value = "")]
     pub target: String,
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 50, allow_negative_numbers = true, value_parser = parse_count)]
     pub page_size: u32,
     /// Token printed after the previous page.
     #[arg(long, default_value = "")]
@@ -360,10 +389,52 @@ pub fn parse_amount(text: &str) -> Result<i64, String> {
     Ok(if negative { -micros } else { micros })
 }
 
+/// Parses an amount that must be above zero (a payment, a grant).
+pub fn parse_positive_amount(text: &str) -> Result<i64, String> {
+    match parse_amount(text)? {
+        micros if micros > 0 => Ok(micros),
+        _ => Err("must be positive".to_owned()),
+    }
+}
+
+/// Parses a price, which may be zero (a free plan) but never negative.
+pub fn parse_price(text: &str) -> Result<i64, String> {
+    match parse_amount(text)? {
+        micros if micros >= 0 => Ok(micros),
+        _ => Err("must not be negative".to_owned()),
+    }
+}
+
+/// Parses a signed correction, which must change something.
+pub fn parse_nonzero_amount(text: &str) -> Result<i64, String> {
+    match parse_amount(text)? {
+        0 => Err("must not be zero".to_owned()),
+        micros => Ok(micros),
+    }
+}
+
+/// Parses a count of units (`0` or more).
+pub fn parse_units(text: &str) -> Result<i64, String> {
+    match text.parse::<i64>() {
+        Ok(units) if units >= 0 => Ok(units),
+        Ok(_) => Err("must not be negative".to_owned()),
+        Err(_) => Err(format!("`{text}` is not a whole number")),
+    }
+}
+
+/// Parses a small count (`0` to 4294967295), saying so when it is negative rather than "invalid digit".
+pub fn parse_count(text: &str) -> Result<u32, String> {
+    match text.parse::<i64>() {
+        Ok(count) if count < 0 => Err("must not be negative".to_owned()),
+        Ok(count) => u32::try_from(count).map_err(|_| format!("must be at most {}", u32::MAX)),
+        Err(_) => Err(format!("`{text}` is not a whole number")),
+    }
+}
+
 /// What went wrong, worded for a person at a terminal.
 #[derive(Debug, thiserror::Error)]
 pub enum CtlError {
-    #[error("PAYGATE_ADMIN_TOKEN is not set (or pass --token)")]
+    #[error("no admin token: set PAYGATE_ADMIN_TOKEN (or pass --token)")]
     NoToken,
     #[error("the admin token is not valid in a header")]
     BadToken,
@@ -375,19 +446,33 @@ pub enum CtlError {
     Unauthenticated,
     #[error("{0}")]
     Rejected(String),
+    /// A plan code, customer external id or id that names nothing; `flag` is where it was given.
+    #[error("{flag}: no {kind} has the {what} `{value}`")]
+    NoMatch {
+        flag: &'static str,
+        kind: &'static str,
+        what: &'static str,
+        value: String,
+    },
+    /// A healthcheck that failed: not serving, an error status, or no answer.
+    #[error("{0}")]
+    Unhealthy(String),
     #[error("failed to write output: {0}")]
     Output(#[from] std::io::Error),
 }
 
-fn rejected(status: Status, url: &str) -> CtlError {
-    let message = status.message().to_owned();
+/// Words billing's refusal for a person: field names become the flags they came from, micros become
+/// amounts in `currency` (when known).
+fn rejected(status: Status, url: &str, currency: Option<&str>) -> CtlError {
+    let message = resolve::in_flags(status.message(), currency);
     match status.code() {
         Code::Unauthenticated => CtlError::Unauthenticated,
         Code::Unavailable | Code::DeadlineExceeded => CtlError::Unreachable {
             url: url.to_owned(),
             detail: message,
         },
-        Code::InvalidArgument => CtlError::Rejected(format!("invalid argument: {message}")),
+        // Billing's messages name the field (now the flag), so they say what is wrong on their own.
+        Code::InvalidArgument => CtlError::Rejected(message),
         Code::NotFound => CtlError::Rejected(format!("not found: {message}")),
         Code::AlreadyExists => CtlError::Rejected(format!("already exists: {message}")),
         Code::FailedPrecondition => CtlError::Rejected(format!("not possible now: {message}")),
@@ -400,6 +485,8 @@ struct Admin {
     authorization: MetadataValue<tonic::metadata::Ascii>,
     actor: Option<MetadataValue<tonic::metadata::Ascii>>,
     url: String,
+    /// The currency of the customer or plan the command is about, once known, for amounts in errors.
+    currency: Option<String>,
 }
 
 impl Admin {
@@ -420,6 +507,9 @@ impl Admin {
 
 /// Runs one command, writing its answer to `out`.
 pub async fn run(cli: Cli, out: &mut impl Write) -> Result<(), CtlError> {
+    if let Command::Health(check) = &cli.command {
+        return health::check(check).await;
+    }
     let token = cli
         .token
         .clone()
@@ -452,6 +542,7 @@ pub async fn run(cli: Cli, out: &mut impl Write) -> Result<(), CtlError> {
         authorization,
         actor,
         url: cli.url.clone(),
+        currency: None,
     };
     let format = if cli.json {
         Format::Json
@@ -460,14 +551,18 @@ pub async fn run(cli: Cli, out: &mut impl Write) -> Result<(), CtlError> {
     } else {
         Format::Table
     };
-    let rendered = execute(&mut admin, cli.command)
-        .await
-        .map_err(|status| rejected(status, &admin.url))?;
+    let rendered = match execute(&mut admin, cli.command).await {
+        Ok(rendered) => rendered,
+        Err(Failure::Ctl(error)) => return Err(error),
+        Err(Failure::Billing(status)) => {
+            return Err(rejected(status, &admin.url, admin.currency.as_deref()));
+        }
+    };
     rendered.write(format, out)?;
     Ok(())
 }
 
-fn source_chain(error: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn source_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut parts = vec![error.to_string()];
     let mut cause = error.source();
     while let Some(current) = cause {
@@ -478,7 +573,7 @@ fn source_chain(error: &(dyn std::error::Error + 'static)) -> String {
     parts.join(": ")
 }
 
-async fn execute(admin: &mut Admin, command: Command) -> Result<Render, Status> {
+async fn execute(admin: &mut Admin, command: Command) -> Result<Render, Failure> {
     Ok(match command {
         Command::Customers(CustomerCommand::Create {
             external_id,
@@ -503,19 +598,10 @@ async fn execute(admin: &mut Admin, command: Command) -> Result<Render, Status> 
                 String::new(),
             )
         }
-        Command::Customers(CustomerCommand::Get { id }) => {
-            let message = pb::GetCustomerRequest { customer_id: id };
-            Render::Customers(
-                vec![
-                    admin
-                        .client
-                        .get_customer(admin.request(message))
-                        .await?
-                        .into_inner(),
-                ],
-                String::new(),
-            )
-        }
+        Command::Customers(CustomerCommand::Get { id }) => Render::Customers(
+            vec![resolve::customer(admin, "<CUSTOMER>", &id).await?],
+            String::new(),
+        ),
         Command::Customers(CustomerCommand::List {
             page_size,
             page_token,
@@ -547,6 +633,7 @@ async fn execute(admin: &mut Admin, command: Command) -> Result<Render, Status> 
             trial_days,
             features,
         }) => {
+            admin.currency = Some(currency.clone());
             let message = pb::CreatePlanRequest {
                 code,
                 name,
@@ -595,7 +682,9 @@ async fn execute(admin: &mut Admin, command: Command) -> Result<Render, Status> 
             )
         }
         Command::Plans(PlanCommand::Archive { id }) => {
-            let message = pb::ArchivePlanRequest { plan_id: id };
+            let message = pb::ArchivePlanRequest {
+                plan_id: resolve::plan_id(admin, "<PLAN>", &id).await?,
+            };
             Render::Plans(vec![
                 admin
                     .client
@@ -606,8 +695,8 @@ async fn execute(admin: &mut Admin, command: Command) -> Result<Render, Status> 
         }
         Command::Subscriptions(SubscriptionCommand::Create { customer, plan }) => {
             let message = pb::CreateSubscriptionRequest {
-                customer_id: customer,
-                plan_id: plan,
+                customer_id: resolve::customer_id(admin, "--customer", &customer).await?,
+                plan_id: resolve::plan_id(admin, "--plan", &plan).await?,
             };
             Render::Subscription(
                 admin
@@ -619,7 +708,7 @@ async fn execute(admin: &mut Admin, command: Command) -> Result<Render, Status> 
         }
         Command::Subscriptions(SubscriptionCommand::Show(CustomerArg { customer })) => {
             let message = pb::GetCustomerSubscriptionRequest {
-                customer_id: customer,
+                customer_id: resolve::customer_id(admin, "--customer", &customer).await?,
             };
             Render::Subscription(
                 admin
@@ -632,7 +721,7 @@ async fn execute(admin: &mut Admin, command: Command) -> Result<Render, Status> 
         Command::Subscriptions(SubscriptionCommand::ChangePlan { id, plan }) => {
             let message = pb::ChangeSubscriptionPlanRequest {
                 subscription_id: id,
-                plan_id: plan,
+                plan_id: resolve::plan_id(admin, "--plan", &plan).await?,
             };
             Render::Subscription(
                 admin
@@ -666,7 +755,7 @@ async fn execute(admin: &mut Admin, command: Command) -> Result<Render, Status> 
         }) => {
             let message = pb::RecordPaymentRequest {
                 idempotency_key,
-                customer_id: customer,
+                customer_id: resolve::customer_id(admin, "--customer", &customer).await?,
                 purpose: match purpose {
                     Purpose::Subscription => pb::PaymentPurpose::Subscription,
                     Purpose::TopUp => pb::PaymentPurpose::CreditTopUp,
@@ -697,7 +786,7 @@ async fn execute(admin: &mut Admin, command: Command) -> Result<Render, Status> 
             note,
         }) => {
             let message = pb::GrantCreditsRequest {
-                customer_id: customer,
+                customer_id: resolve::customer_id(admin, "--customer", &customer).await?,
                 amount_micros: amount,
                 reference,
                 note,
@@ -720,7 +809,7 @@ async fn execute(admin: &mut Admin, command: Command) -> Result<Render, Status> 
             note,
         }) => {
             let message = pb::AdjustCreditsRequest {
-                customer_id: customer,
+                customer_id: resolve::customer_id(admin, "--customer", &customer).await?,
                 delta_micros: amount,
                 reference,
                 note,
@@ -738,7 +827,7 @@ async fn execute(admin: &mut Admin, command: Command) -> Result<Render, Status> 
         }
         Command::Credits(CreditCommand::Balance(CustomerArg { customer })) => {
             let message = pb::GetCreditBalanceRequest {
-                customer_id: customer,
+                customer_id: resolve::customer_id(admin, "--customer", &customer).await?,
             };
             Render::Balance(
                 admin
@@ -749,6 +838,7 @@ async fn execute(admin: &mut Admin, command: Command) -> Result<Render, Status> 
             )
         }
         Command::Credits(CreditCommand::Ledger(CustomerArg { customer })) => {
+            let customer = resolve::customer_id(admin, "--customer", &customer).await?;
             let mut entries = Vec::new();
             let mut page_token = String::new();
             loop {
@@ -771,7 +861,7 @@ async fn execute(admin: &mut Admin, command: Command) -> Result<Render, Status> 
         }
         Command::Keys(KeyCommand::Issue { customer, name }) => {
             let message = pb::IssueApiKeyRequest {
-                customer_id: customer,
+                customer_id: resolve::customer_id(admin, "--customer", &customer).await?,
                 name,
             };
             Render::IssuedKey(
@@ -784,7 +874,7 @@ async fn execute(admin: &mut Admin, command: Command) -> Result<Render, Status> 
         }
         Command::Keys(KeyCommand::List(CustomerArg { customer })) => {
             let message = pb::ListApiKeysRequest {
-                customer_id: customer,
+                customer_id: resolve::customer_id(admin, "--customer", &customer).await?,
             };
             Render::Keys(
                 admin
@@ -820,7 +910,7 @@ async fn execute(admin: &mut Admin, command: Command) -> Result<Render, Status> 
         }
         Command::Usage(CustomerArg { customer }) => {
             let message = pb::GetCustomerUsageRequest {
-                customer_id: customer,
+                customer_id: resolve::customer_id(admin, "--customer", &customer).await?,
                 max_periods: 0,
             };
             Render::Usage(
@@ -838,7 +928,7 @@ async fn execute(admin: &mut Admin, command: Command) -> Result<Render, Status> 
                 .map(|since| since.as_secs() as i64)
                 .unwrap_or(0);
             let message = pb::GetCustomerStatsRequest {
-                customer_id: customer,
+                customer_id: resolve::customer_id(admin, "--customer", &customer).await?,
                 from: Some(prost_types::Timestamp {
                     seconds: now - i64::from(hours) * 3600,
                     nanos: 0,
@@ -857,13 +947,14 @@ async fn execute(admin: &mut Admin, command: Command) -> Result<Render, Status> 
                     .hours,
             )
         }
+        Command::Health(_) => unreachable!("`run` answers healthchecks without billing"),
         Command::Audit(AuditArgs {
             target,
             page_size,
             page_token,
         }) => {
             let message = pb::ListAuditEventsRequest {
-                target_id: target,
+                target_id: resolve::audit_target(admin, &target).await?,
                 page_size,
                 page_token,
             };

@@ -1852,6 +1852,7 @@ fn audit_page(target_id: &str, page_size: u32) -> ListAuditEventsRequest {
 fn get_customer(customer_id: &str) -> GetCustomerRequest {
     GetCustomerRequest {
         customer_id: customer_id.into(),
+        ..Default::default()
     }
 }
 

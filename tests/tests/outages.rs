@@ -261,6 +261,7 @@ async fn billing_refuses_at_once_while_its_database_is_down_and_serves_soon_afte
     let mut admin = billing.admin().await;
     let get_customer = || GetCustomerRequest {
         customer_id: customer.id.clone(),
+        ..Default::default()
     };
     let before = entitlements.resolve(resolve()).await;
 
