@@ -1,0 +1,138 @@
+//! TLS on the gRPC links between paygate's services and to the admin API (DESIGN §9:
+//! `PAYGATE_GRPC_TLS_CERT_FILE`, `PAYGATE_GRPC_TLS_KEY_FILE`, `PAYGATE_GRPC_CA_FILE`), shared so that every
+//! server reads its certificate the same way, every client verifies servers the same way, and every
+//! service reports a refused certificate in the same words.
+//!
+//! An `https://` URL is verified against the CA file when one is given, else against the system roots;
+//! an `http://` URL stays plaintext.
+
+use std::{
+    error::Error,
+    path::{Path, PathBuf},
+};
+
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+use tokio::net::TcpListener;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
+
+/// Why a certificate, key or CA file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsFileError {
+    #[error("cannot read `{}`: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("`{}` holds no PEM certificate", path.display())]
+    NoCertificate { path: PathBuf },
+    #[error("`{}` holds no PEM private key", path.display())]
+    NoKey { path: PathBuf },
+}
+
+impl TlsFileError {
+    /// Returns the file at fault.
+    pub fn path(&self) -> &Path {
+        match self {
+            Self::Read { path, .. } | Self::NoCertificate { path } | Self::NoKey { path } => path,
+        }
+    }
+}
+
+/// Returns the server TLS settings for the certificate chain in `cert_file` and the key in `key_file`
+/// (PEM); fails when either cannot be read or holds nothing usable.
+pub fn server_config(cert_file: &Path, key_file: &Path) -> Result<ServerTlsConfig, TlsFileError> {
+    let cert = read_certificates(cert_file)?;
+    let key = read(key_file)?;
+    if PrivateKeyDer::from_pem_slice(&key).is_err() {
+        return Err(TlsFileError::NoKey {
+            path: key_file.to_owned(),
+        });
+    }
+    Ok(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
+}
+
+/// Returns the CA certificates in `path` (PEM), which clients then trust instead of the system roots.
+pub fn read_ca(path: &Path) -> Result<Certificate, TlsFileError> {
+    read_certificates(path).map(Certificate::from_pem)
+}
+
+fn read_certificates(path: &Path) -> Result<Vec<u8>, TlsFileError> {
+    let pem = read(path)?;
+    let mut certificates = CertificateDer::pem_slice_iter(&pem);
+    match certificates.next() {
+        Some(Ok(_)) if certificates.all(|certificate| certificate.is_ok()) => Ok(pem),
+        _ => Err(TlsFileError::NoCertificate {
+            path: path.to_owned(),
+        }),
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsFileError> {
+    std::fs::read(path).map_err(|source| TlsFileError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Makes `endpoint` verify its server against `ca` when its URL is `https://` (tonic already verifies an
+/// `https://` endpoint against the system roots when `ca` is `None`); an `http://` endpoint is left as it
+/// is. Fails only when the TLS settings cannot be built.
+pub fn trust(
+    endpoint: Endpoint,
+    ca: Option<&Certificate>,
+) -> Result<Endpoint, tonic::transport::Error> {
+    match ca {
+        Some(ca) if endpoint.uri().scheme_str() == Some("https") => {
+            endpoint.tls_config(ClientTlsConfig::new().ca_certificate(ca.clone()))
+        }
+        _ => Ok(endpoint),
+    }
+}
+
+/// A listener for a gRPC server, with the TLS it serves (none: plaintext). A bare `TcpListener` converts
+/// into a plaintext one.
+pub struct GrpcListener {
+    pub listener: TcpListener,
+    pub tls: Option<ServerTlsConfig>,
+}
+
+impl GrpcListener {
+    /// Returns a listener that serves TLS with `tls`, or plaintext when it is `None`.
+    pub fn new(listener: TcpListener, tls: Option<ServerTlsConfig>) -> Self {
+        Self { listener, tls }
+    }
+}
+
+impl From<TcpListener> for GrpcListener {
+    fn from(listener: TcpListener) -> Self {
+        Self::new(listener, None)
+    }
+}
+
+/// Returns rustls' reason when `error` (or one of its causes) is this side refusing the peer's certificate
+/// (an unknown CA, a name mismatch, an expired certificate): `None` for any other failure.
+pub fn certificate_rejection(error: &(dyn Error + 'static)) -> Option<String> {
+    let mut current = Some(error);
+    while let Some(error) = current {
+        if let Some(reason) = rejection_of(error) {
+            return Some(reason);
+        }
+        // `io::Error::source` skips the error it wraps, which is where TLS libraries put rustls' error.
+        if let Some(wrapped) = error
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref)
+            && let Some(reason) = rejection_of(wrapped)
+        {
+            return Some(reason);
+        }
+        current = error.source();
+    }
+    None
+}
+
+fn rejection_of(error: &(dyn Error + 'static)) -> Option<String> {
+    match error.downcast_ref::<rustls::Error>()? {
+        rejection @ rustls::Error::InvalidCertificate(_) => Some(rejection.to_string()),
+        _ => None,
+    }
+}
