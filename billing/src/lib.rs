@@ -166,9 +166,9 @@ pub async fn serve(
     let GrpcListener { listener, tls } = listener.into();
     let mut server = Server::builder();
     if let Some(tls) = tls {
-        server = server
-            .tls_config(tls)
-            .context("PAYGATE_GRPC_TLS_CERT_FILE/PAYGATE_GRPC_TLS_KEY_FILE are not a usable pair")?;
+        server = server.tls_config(tls).context(
+            "PAYGATE_GRPC_TLS_CERT_FILE/PAYGATE_GRPC_TLS_KEY_FILE are not a usable pair",
+        )?;
     }
     server
         .layer(telemetry::traces::GrpcTraceLayer::new("billing"))

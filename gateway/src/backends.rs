@@ -144,16 +144,18 @@ impl Breaker {
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Describes a failed call for logs and readiness: a TLS certificate the gateway does not trust is named as
 /// such, with the setting to check, rather than as a bare transport error.
 pub fn describe_failure(status: &tonic::Status) -> String {
     match proto::tls::certificate_rejection(status) {
-        Some(reason) => format!(
-            "its TLS certificate was not trusted (check PAYGATE_GRPC_CA_FILE): {reason}"
-        ),
+        Some(reason) => {
+            format!("its TLS certificate was not trusted (check PAYGATE_GRPC_CA_FILE): {reason}")
+        }
         None => format!("{:?}: {}", status.code(), status.message()),
     }
 }

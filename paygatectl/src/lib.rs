@@ -375,7 +375,9 @@ pub enum CtlError {
     BadUrl(String),
     #[error("billing is unreachable at {url}: {detail}")]
     Unreachable { url: String, detail: String },
-    #[error("billing at {url} presented a TLS certificate that was not trusted (check --ca-file): {reason}")]
+    #[error(
+        "billing at {url} presented a TLS certificate that was not trusted (check --ca-file): {reason}"
+    )]
     UntrustedCertificate { url: String, reason: String },
     #[error("--ca-file: {0}")]
     BadCaFile(String),
@@ -476,12 +478,15 @@ async fn connect(url: &str, ca_file: Option<&std::path::Path>) -> Result<Channel
     let endpoint = Endpoint::from_shared(url.to_owned())
         .map_err(|_| CtlError::BadUrl(url.to_owned()))?
         .connect_timeout(Duration::from_secs(5));
-    let endpoint = proto::tls::trust(endpoint, ca.as_ref()).map_err(|error| CtlError::Unreachable {
-        url: url.to_owned(),
-        detail: source_chain(&error),
-    })?;
-    endpoint.connect().await.map_err(|error| {
-        match proto::tls::certificate_rejection(&error) {
+    let endpoint =
+        proto::tls::trust(endpoint, ca.as_ref()).map_err(|error| CtlError::Unreachable {
+            url: url.to_owned(),
+            detail: source_chain(&error),
+        })?;
+    endpoint
+        .connect()
+        .await
+        .map_err(|error| match proto::tls::certificate_rejection(&error) {
             Some(reason) => CtlError::UntrustedCertificate {
                 url: url.to_owned(),
                 reason,
@@ -490,8 +495,7 @@ async fn connect(url: &str, ca_file: Option<&std::path::Path>) -> Result<Channel
                 url: url.to_owned(),
                 detail: source_chain(&error),
             },
-        }
-    })
+        })
 }
 
 fn source_chain(error: &(dyn std::error::Error + 'static)) -> String {

@@ -131,8 +131,58 @@ pub fn certificate_rejection(error: &(dyn Error + 'static)) -> Option<String> {
 }
 
 fn rejection_of(error: &(dyn Error + 'static)) -> Option<String> {
-    match error.downcast_ref::<rustls::Error>()? {
-        rejection @ rustls::Error::InvalidCertificate(_) => Some(rejection.to_string()),
-        _ => None,
+    match error.downcast_ref::<rustls::Error>() {
+        Some(rejection @ rustls::Error::InvalidCertificate(_)) => Some(rejection.to_string()),
+        Some(_) => None,
+        // The redis crate keeps the `io::Error` around rustls' error behind an `Arc<dyn Error>`, which no
+        // downcast sees through; rustls' own wording is what is left.
+        None => {
+            let text = error.to_string();
+            let at = text.find(INVALID_CERTIFICATE)?;
+            Some(text[at..].to_owned())
+        }
+    }
+}
+
+/// How rustls' `Display` starts for `Error::InvalidCertificate`.
+const INVALID_CERTIFICATE: &str = "invalid peer certificate: ";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unknown_issuer_inside_an_io_error_is_a_rejection() {
+        let rustls_error =
+            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
+        let io_error = std::io::Error::new(std::io::ErrorKind::InvalidData, rustls_error);
+
+        let reason = certificate_rejection(&io_error);
+
+        assert_eq!(
+            reason.as_deref(),
+            Some("invalid peer certificate: UnknownIssuer")
+        );
+    }
+
+    #[test]
+    fn a_refused_connection_is_not_a_rejection() {
+        let error = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+
+        assert_eq!(certificate_rejection(&error), None);
+    }
+
+    #[test]
+    fn a_ca_file_without_a_certificate_is_refused_naming_it() {
+        let dir = std::env::temp_dir().join(format!("paygate-proto-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("a temp dir");
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "").expect("write");
+
+        let error = read_ca(&empty).expect_err("refused");
+
+        assert!(matches!(error, TlsFileError::NoCertificate { .. }));
+        assert_eq!(error.path(), empty.as_path());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -21,7 +21,9 @@ mod supervisor;
 pub mod tls;
 mod usage_service;
 
-pub use postgres::{RestartablePostgres, TlsPostgres, spawn_restartable_postgres, spawn_tls_postgres};
+pub use postgres::{
+    RestartablePostgres, TlsPostgres, spawn_restartable_postgres, spawn_tls_postgres,
+};
 pub use redis_server::{RestartableRedis, TlsRedis, spawn_restartable_redis, spawn_tls_redis};
 
 pub use gateway_service::{
@@ -271,8 +273,8 @@ impl BillingInstance {
 /// Returns a connected channel to `https://<name>:<port of addr>` that trusts `ca` only; `name` is what
 /// the server's certificate must be valid for (`localhost` or `127.0.0.1`). Panics when it cannot connect.
 pub async fn channel_trusting(addr: SocketAddr, name: &str, ca: &Certificate) -> Channel {
-    let endpoint = Channel::from_shared(format!("https://{name}:{}", addr.port()))
-        .expect("a valid URI");
+    let endpoint =
+        Channel::from_shared(format!("https://{name}:{}", addr.port())).expect("a valid URI");
     proto::tls::trust(endpoint, Some(ca))
         .expect("TLS settings")
         .connect()

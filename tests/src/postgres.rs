@@ -384,7 +384,7 @@ pub async fn spawn_tls_postgres(ca: &crate::tls::TestCa) -> TlsPostgres {
         "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhost all all 0.0.0.0/0 reject\n",
     )
     .unwrap_or_else(|error| panic!("failed to write `{}`: {error}", hba_file.display()));
-    let settings = vec![
+    let settings = [
         "-c".to_owned(),
         "ssl=on".to_owned(),
         "-c".to_owned(),

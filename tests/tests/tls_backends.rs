@@ -99,20 +99,21 @@ impl Stack {
             Some(tls) => spawn_billing_with_tls(fresh_database().await, tls).await,
         };
         let admin_channel = match &grpc {
-            Grpc::Plaintext => tonic::transport::Channel::from_shared(format!(
-                "http://{}",
-                billing.addr
-            ))
-            .expect("a valid URI")
-            .connect()
-            .await
-            .expect("billing is up"),
+            Grpc::Plaintext => {
+                tonic::transport::Channel::from_shared(format!("http://{}", billing.addr))
+                    .expect("a valid URI")
+                    .connect()
+                    .await
+                    .expect("billing is up")
+            }
             Grpc::Tls { server_ca, .. } => {
                 channel_trusting(billing.addr, "127.0.0.1", &ca_certificate(server_ca)).await
             }
         };
-        let admin =
-            BillingAdminClient::with_interceptor(admin_channel, BearerToken::new(Some(ADMIN_TOKEN)));
+        let admin = BillingAdminClient::with_interceptor(
+            admin_channel,
+            BearerToken::new(Some(ADMIN_TOKEN)),
+        );
         let scheme = grpc.scheme();
         let client_ca = grpc.client_ca();
         let mut stops = Vec::new();
@@ -165,7 +166,9 @@ impl Stack {
             proto::auth::BearerToken::new(SERVICE_TOKEN).expect("a token"),
             integration_tests::TEST_BACKEND_DEADLINE,
         );
-        let gateway_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind gateway");
+        let gateway_listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind gateway");
         let gateway = gateway_listener.local_addr().expect("an address");
         let (stop, stopped) = oneshot::channel::<()>();
         stops.push(stop);
@@ -257,7 +260,10 @@ async fn billing_serves_admin_calls_over_a_postgres_that_requires_verified_tls()
         .create_customer(customer_request("over-tls"))
         .await;
 
-    assert_eq!(created.expect("created").into_inner().external_id, "over-tls");
+    assert_eq!(
+        created.expect("created").into_inner().external_id,
+        "over-tls"
+    );
 }
 
 #[tokio::test]
@@ -268,7 +274,7 @@ async fn a_postgres_that_requires_tls_refuses_plaintext_and_accepts_sslmode_requ
     let plaintext = PgConnection::connect(&postgres.database_url_with_sslmode("disable")).await;
     let required = PgConnection::connect(&postgres.database_url_with_sslmode("require")).await;
 
-    let refusal = plaintext.err().expect("plaintext is refused").to_string();
+    let refusal = plaintext.expect_err("plaintext is refused").to_string();
     assert!(refusal.contains("no encryption"), "{refusal}");
     required.expect("sslmode=require connects without verifying");
 }
@@ -285,8 +291,7 @@ async fn billing_refuses_to_start_when_postgres_presents_a_certificate_from_anot
 
     let error = billing::connect_database(options, 4)
         .await
-        .err()
-        .expect("an untrusted certificate is refused");
+        .expect_err("an untrusted certificate is refused");
 
     let message = one_line(format!("{error:#}"));
     assert!(message.contains("certificate was not trusted"), "{message}");
@@ -316,8 +321,7 @@ async fn usage_refuses_to_start_when_redis_presents_a_certificate_from_another_c
 
     let error = usage::connect_redis_with(&client)
         .await
-        .err()
-        .expect("an untrusted certificate is refused");
+        .expect_err("an untrusted certificate is refused");
 
     let message = one_line(format!("{error:#}"));
     assert!(message.contains("certificate was not trusted"), "{message}");
@@ -328,9 +332,8 @@ async fn usage_refuses_to_start_when_redis_presents_a_certificate_from_another_c
 async fn a_redis_ca_file_with_a_plaintext_redis_url_is_refused() {
     let ca = TestCa::new("redis-ca");
 
-    let error = usage::redis_client("redis://127.0.0.1:6379", Some(&ca.cert_file()))
-        .err()
-        .expect("refused");
+    let error =
+        usage::redis_client("redis://127.0.0.1:6379", Some(&ca.cert_file())).expect_err("refused");
 
     let message = one_line(format!("{error:#}"));
     assert!(message.contains("REDIS_CA_FILE"), "{message}");
@@ -448,8 +451,11 @@ async fn paygatectl_administers_a_tls_billing_with_ca_file_and_names_it_when_the
     .await;
 
     assert!(!created.expect("created over TLS").trim().is_empty());
-    let message = refused.err().expect("refused").to_string();
-    assert!(message.contains("certificate that was not trusted"), "{message}");
+    let message = refused.expect_err("refused").to_string();
+    assert!(
+        message.contains("certificate that was not trusted"),
+        "{message}"
+    );
     assert!(message.contains("--ca-file"), "{message}");
     assert!(!message.contains('\n'), "{message}");
 }

@@ -27,8 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Endpoint, Server, server::TcpIncoming};
 
 use proto::{
-    auth::BearerToken,
-    tls::GrpcListener, billing::v1::entitlements_client::EntitlementsClient,
+    auth::BearerToken, billing::v1::entitlements_client::EntitlementsClient, tls::GrpcListener,
     usage::v1::usage_server::UsageServer,
 };
 use tonic::{Status, server::NamedService, service::Interceptor};
@@ -194,10 +193,10 @@ pub fn billing_client_trusting(
 }
 
 /// Serves `usage.v1.Usage` (with health) on `listener` (TLS when it carries a certificate, else
-/// plaintext) until `shutdown` completes; meanwhile reports
-/// spending to billing, follows billing's credit changes and probes Redis with `redis` (health is
-/// NOT_SERVING, and calls are answered UNAVAILABLE at once, while Redis is unreachable). On shutdown it
-/// drains in-flight calls, then reports what is pending before returning.
+/// plaintext) until `shutdown` completes; meanwhile reports spending to billing, follows billing's credit
+/// changes and probes Redis with `redis` (health is NOT_SERVING, and calls are answered UNAVAILABLE at
+/// once, while Redis is unreachable). On shutdown it drains in-flight calls, then reports what is pending
+/// before returning.
 pub async fn serve(
     listener: impl Into<GrpcListener>,
     counters: Counters,
@@ -264,9 +263,9 @@ pub async fn serve(
     let GrpcListener { listener, tls } = listener.into();
     let mut server = Server::builder();
     if let Some(tls) = tls {
-        server = server
-            .tls_config(tls)
-            .context("PAYGATE_GRPC_TLS_CERT_FILE/PAYGATE_GRPC_TLS_KEY_FILE are not a usable pair")?;
+        server = server.tls_config(tls).context(
+            "PAYGATE_GRPC_TLS_CERT_FILE/PAYGATE_GRPC_TLS_KEY_FILE are not a usable pair",
+        )?;
     }
     let served = server
         .layer(telemetry::traces::GrpcTraceLayer::new("usage"))
