@@ -10,12 +10,15 @@ use http::StatusCode;
 use integration_tests::{
     ADMIN_TOKEN, BearerToken, SERVICE_TOKEN, channel_trusting, customer_request, fresh_database,
     get, http_client, redis_url, send, spawn_billing, spawn_billing_with_tls, spawn_ok_upstream,
-    spawn_tls_postgres, spawn_tls_redis, tls::TestCa, unique_prefix,
+    spawn_restartable_postgres, spawn_tls_postgres, spawn_tls_redis, tls::TestCa, unique_prefix,
 };
 use proto::billing::v1::{
     CreateSubscriptionRequest, IssueApiKeyRequest, billing_admin_client::BillingAdminClient,
 };
-use sqlx::{Connection, PgConnection, postgres::PgConnectOptions};
+use sqlx::{
+    Connection, PgConnection,
+    postgres::{PgConnectOptions, PgPoolOptions},
+};
 use time::OffsetDateTime;
 use tokio::{net::TcpListener, sync::oneshot};
 use tonic::transport::{Certificate, ServerTlsConfig};
@@ -91,12 +94,17 @@ struct Stack {
 
 impl Stack {
     async fn start(grpc: Grpc<'_>, redis_client: redis::Client) -> Self {
+        Self::start_on(fresh_database().await, grpc, redis_client).await
+    }
+
+    /// Starts the stack with billing on `db`.
+    async fn start_on(db: sqlx::PgPool, grpc: Grpc<'_>, redis_client: redis::Client) -> Self {
         let billing = match grpc.server_tls() {
             None => {
                 let clock = Arc::new(billing::ManualClock::new(OffsetDateTime::now_utc()));
-                integration_tests::spawn_billing_with_clock(fresh_database().await, clock).await
+                integration_tests::spawn_billing_with_clock(db, clock).await
             }
-            Some(tls) => spawn_billing_with_tls(fresh_database().await, tls).await,
+            Some(tls) => spawn_billing_with_tls(db, tls).await,
         };
         let admin_channel = match &grpc {
             Grpc::Plaintext => {
@@ -356,6 +364,47 @@ async fn the_gateway_serves_a_paid_request_through_billing_and_usage_over_grpc_t
     assert_eq!(&answer.body[..], b"ok");
     assert_eq!(stack.backends.billing_failing_because(), None);
     assert_eq!(stack.backends.usage_failing_because(), None);
+}
+
+#[tokio::test]
+async fn the_breaker_probe_closes_over_tls_once_billing_serves_again() {
+    let ca = TestCa::new("grpc-ca");
+    let mut postgres = spawn_restartable_postgres().await;
+    let db = PgPoolOptions::new()
+        .max_connections(8)
+        .acquire_timeout(billing::DB_ACQUIRE_TIMEOUT)
+        .connect(postgres.database_url())
+        .await
+        .expect("the database");
+    let grpc = Grpc::Tls {
+        server_ca: &ca,
+        client_ca: &ca,
+    };
+    let mut stack = Stack::start_on(db, grpc, plain_redis_client(&redis_url().await)).await;
+    let key = stack.paying_key().await;
+    postgres.stop().await;
+    let started = std::time::Instant::now();
+    while stack.backends.billing_failing_because().is_none() {
+        assert!(
+            started.elapsed() < PATIENCE,
+            "the billing breaker did not open"
+        );
+        let answer = stack.call(&key).await;
+        assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    postgres.start().await;
+    let started = std::time::Instant::now();
+    while stack.backends.billing_failing_because().is_some() {
+        assert!(
+            started.elapsed() < PATIENCE,
+            "the probe did not close the breaker over TLS"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let answer = stack.call(&key).await;
+
+    assert_eq!(answer.status, StatusCode::OK, "{:?}", answer.body);
 }
 
 #[tokio::test]
