@@ -18,10 +18,11 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerT
 /// Why a certificate, key or CA file cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsFileError {
-    #[error("cannot read `{}`: {source}", path.display())]
+    // Not `source`: the message already says it, and callers print error chains.
+    #[error("cannot read `{}`: {cause}", path.display())]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("`{}` holds no PEM certificate", path.display())]
     NoCertificate { path: PathBuf },
@@ -51,6 +52,37 @@ pub fn server_config(cert_file: &Path, key_file: &Path) -> Result<ServerTlsConfi
     Ok(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
 }
 
+/// Why `PAYGATE_GRPC_TLS_CERT_FILE` / `PAYGATE_GRPC_TLS_KEY_FILE` cannot be served with.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerSettingsError {
+    #[error(
+        "PAYGATE_GRPC_TLS_CERT_FILE and PAYGATE_GRPC_TLS_KEY_FILE must be set together (or neither, for plaintext gRPC)"
+    )]
+    OnlyOneSet,
+    #[error("PAYGATE_GRPC_TLS_CERT_FILE: {0}")]
+    Cert(TlsFileError),
+    #[error("PAYGATE_GRPC_TLS_KEY_FILE: {0}")]
+    Key(TlsFileError),
+}
+
+/// Returns the TLS a gRPC server serves from `PAYGATE_GRPC_TLS_CERT_FILE` and `PAYGATE_GRPC_TLS_KEY_FILE`:
+/// `None` (plaintext) when neither is set; fails, naming the variable, when only one is set or a file
+/// cannot be used.
+pub fn server_config_from_settings(
+    cert_file: Option<&Path>,
+    key_file: Option<&Path>,
+) -> Result<Option<ServerTlsConfig>, ServerSettingsError> {
+    match (cert_file, key_file) {
+        (None, None) => Ok(None),
+        (Some(cert), Some(key)) => match server_config(cert, key) {
+            Ok(tls) => Ok(Some(tls)),
+            Err(error) if error.path() == key => Err(ServerSettingsError::Key(error)),
+            Err(error) => Err(ServerSettingsError::Cert(error)),
+        },
+        _ => Err(ServerSettingsError::OnlyOneSet),
+    }
+}
+
 /// Returns the CA certificates in `path` (PEM), which clients then trust instead of the system roots.
 pub fn read_ca(path: &Path) -> Result<Certificate, TlsFileError> {
     read_certificates(path).map(Certificate::from_pem)
@@ -68,9 +100,9 @@ fn read_certificates(path: &Path) -> Result<Vec<u8>, TlsFileError> {
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsFileError> {
-    std::fs::read(path).map_err(|source| TlsFileError::Read {
+    std::fs::read(path).map_err(|cause| TlsFileError::Read {
         path: path.to_owned(),
-        source,
+        cause,
     })
 }
 
@@ -151,6 +183,9 @@ const INVALID_CERTIFICATE: &str = "invalid peer certificate: ";
 mod tests {
     use super::*;
 
+    /// PEM framing around a few bytes: reading a certificate file checks the framing, not the contents.
+    const TEST_CERTIFICATE: &str = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+
     #[test]
     fn an_unknown_issuer_inside_an_io_error_is_a_rejection() {
         let rustls_error =
@@ -170,6 +205,37 @@ mod tests {
         let error = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
 
         assert_eq!(certificate_rejection(&error), None);
+    }
+
+    #[test]
+    fn a_certificate_without_its_key_is_refused_naming_both_variables() {
+        let cert = Path::new("/nonexistent/cert.pem");
+
+        let error = server_config_from_settings(Some(cert), None).expect_err("refused");
+
+        let message = error.to_string();
+        assert!(message.contains("PAYGATE_GRPC_TLS_CERT_FILE"), "{message}");
+        assert!(message.contains("PAYGATE_GRPC_TLS_KEY_FILE"), "{message}");
+    }
+
+    #[test]
+    fn an_unreadable_key_file_is_named() {
+        let dir = std::env::temp_dir().join(format!("paygate-proto-key-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("a temp dir");
+        let cert = dir.join("cert.pem");
+        std::fs::write(&cert, TEST_CERTIFICATE).expect("write");
+        let key = dir.join("missing-key.pem");
+
+        let error = server_config_from_settings(Some(&cert), Some(&key)).expect_err("refused");
+
+        assert!(matches!(error, ServerSettingsError::Key(_)), "{error}");
+        assert!(
+            error
+                .to_string()
+                .starts_with("PAYGATE_GRPC_TLS_KEY_FILE: cannot read"),
+            "{error}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

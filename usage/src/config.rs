@@ -72,19 +72,10 @@ impl Config {
     /// Returns the TLS the gRPC server serves (`None`: plaintext); fails when only one of the two files is
     /// set or either cannot be used, naming the variable.
     pub fn grpc_tls(&self) -> anyhow::Result<Option<tonic::transport::ServerTlsConfig>> {
-        match (&self.grpc_tls_cert_file, &self.grpc_tls_key_file) {
-            (None, None) => Ok(None),
-            (Some(cert), Some(key)) => match proto::tls::server_config(cert, key) {
-                Ok(tls) => Ok(Some(tls)),
-                Err(error) if error.path() == key.as_path() => {
-                    bail!("PAYGATE_GRPC_TLS_KEY_FILE: {error}")
-                }
-                Err(error) => bail!("PAYGATE_GRPC_TLS_CERT_FILE: {error}"),
-            },
-            _ => bail!(
-                "PAYGATE_GRPC_TLS_CERT_FILE and PAYGATE_GRPC_TLS_KEY_FILE must be set together (or neither, for plaintext gRPC)"
-            ),
-        }
+        Ok(proto::tls::server_config_from_settings(
+            self.grpc_tls_cert_file.as_deref(),
+            self.grpc_tls_key_file.as_deref(),
+        )?)
     }
 
     /// Returns the CA billing's certificate is verified with (`None`: the system roots).
