@@ -185,8 +185,15 @@ async fn probe(
             let Some(breaker) = breaker.upgrade() else {
                 return;
             };
-            if let Ok(Err(status)) = &answer {
-                *lock(&breaker.cause) = Some(describe_failure(status));
+            match &answer {
+                Ok(Err(status)) => *lock(&breaker.cause) = Some(describe_failure(status)),
+                Ok(Ok(answer)) if !serving => {
+                    *lock(&breaker.cause) = Some(format!(
+                        "its health answers {:?}",
+                        answer.get_ref().status()
+                    ));
+                }
+                _ => {}
             }
             if serving {
                 breaker.close();
