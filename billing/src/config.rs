@@ -41,6 +41,26 @@ pub struct Config {
     /// Largest number of PostgreSQL connections billing holds.
     #[arg(long, env = "BILLING_DB_MAX_CONNECTIONS", default_value_t = 20)]
     pub db_max_connections: u32,
+
+    // TLS of the gRPC server (DESIGN §9).
+    /// Certificate chain (PEM) the gRPC server presents; with PAYGATE_GRPC_TLS_KEY_FILE it serves TLS only.
+    /// Plaintext when both are unset.
+    #[arg(long, env = "PAYGATE_GRPC_TLS_CERT_FILE")]
+    pub grpc_tls_cert_file: Option<PathBuf>,
+    /// Private key (PEM) of PAYGATE_GRPC_TLS_CERT_FILE.
+    #[arg(long, env = "PAYGATE_GRPC_TLS_KEY_FILE")]
+    pub grpc_tls_key_file: Option<PathBuf>,
+}
+
+impl Config {
+    /// Returns the TLS the gRPC server serves (`None`: plaintext); fails when only one of the two files is
+    /// set or either cannot be used, naming the variable.
+    pub fn grpc_tls(&self) -> anyhow::Result<Option<tonic::transport::ServerTlsConfig>> {
+        Ok(proto::tls::server_config_from_settings(
+            self.grpc_tls_cert_file.as_deref(),
+            self.grpc_tls_key_file.as_deref(),
+        )?)
+    }
 }
 
 /// The secrets of a `Config`, resolved from their values or files and checked.

@@ -23,8 +23,12 @@ pub mod store;
 
 use std::{future::Future, sync::Arc, time::Duration};
 
-use sqlx::PgPool;
-use tokio::net::TcpListener;
+use anyhow::Context;
+use proto::tls::GrpcListener;
+use sqlx::{
+    Connection, PgConnection, PgPool,
+    postgres::{PgConnectOptions, PgPoolOptions},
+};
 use tokio_util::sync::CancellationToken;
 use tonic::{
     Status,
@@ -50,6 +54,37 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
 /// bulk was answered "database unavailable" (bench/faults).
 pub const DB_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// How long billing waits at start for PostgreSQL to accept a connection.
+const DB_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connects to PostgreSQL at start: one direct attempt first, because a pool reports only "timed out"
+/// where this reports why (refused, a bad password, a certificate not trusted under `sslmode=verify-ca`
+/// or `verify-full`), then a pool of at most `max_connections`.
+pub async fn connect_database(
+    options: PgConnectOptions,
+    max_connections: u32,
+) -> anyhow::Result<PgPool> {
+    let probe = match tokio::time::timeout(DB_CONNECT_TIMEOUT, PgConnection::connect_with(&options))
+        .await
+    {
+        Err(_) => anyhow::bail!("failed to connect to postgres: timed out"),
+        Ok(Err(error)) => match proto::tls::certificate_rejection(&error) {
+            Some(reason) => anyhow::bail!(
+                "failed to connect to postgres: its TLS certificate was not trusted (check sslrootcert and sslmode in DATABASE_URL): {reason}"
+            ),
+            None => return Err(error).context("failed to connect to postgres"),
+        },
+        Ok(Ok(probe)) => probe,
+    };
+    probe.close().await.ok();
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(DB_ACQUIRE_TIMEOUT)
+        .connect_with(options)
+        .await
+        .context("failed to connect to postgres")
+}
+
 /// The bearer tokens billing requires: one for `BillingAdmin`, another for `Entitlements`.
 #[derive(Clone)]
 pub struct Tokens {
@@ -59,10 +94,11 @@ pub struct Tokens {
     pub service: String,
 }
 
-/// Serves billing's gRPC APIs (with health and reflection) on `listener` until `shutdown` completes, then
-/// ends open change streams and drains in-flight calls.
+/// Serves billing's gRPC APIs (with health and reflection) on `listener` (TLS when it carries a
+/// certificate, else plaintext) until `shutdown` completes, then ends open change streams and drains
+/// in-flight calls.
 pub async fn serve(
-    listener: TcpListener,
+    listener: impl Into<GrpcListener>,
     db: PgPool,
     tokens: Tokens,
     clock: Arc<dyn Clock>,
@@ -127,7 +163,14 @@ pub async fn serve(
             .await;
         stop.cancel();
     };
-    Server::builder()
+    let GrpcListener { listener, tls } = listener.into();
+    let mut server = Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls).context(
+            "PAYGATE_GRPC_TLS_CERT_FILE/PAYGATE_GRPC_TLS_KEY_FILE are not a usable pair",
+        )?;
+    }
+    server
         .layer(telemetry::traces::GrpcTraceLayer::new("billing"))
         .layer(rpc_counter::CountRpcs)
         .add_service(health_service)

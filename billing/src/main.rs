@@ -1,16 +1,11 @@
 //! Starts billing: settings, logging, PostgreSQL, migrations, then the gRPC server until SIGINT/SIGTERM.
 
-use std::{process::ExitCode, sync::Arc, time::Duration};
+use std::{process::ExitCode, sync::Arc};
 
 use anyhow::Context;
 use clap::Parser;
-use sqlx::{
-    Connection, PgConnection,
-    postgres::{PgConnectOptions, PgPoolOptions},
-};
+use sqlx::postgres::PgConnectOptions;
 use tokio::net::TcpListener;
-
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 // glibc's allocator showed up as a fifth of the request path's CPU in profiles; mimalloc's thread-local
 // free lists suit many short-lived allocations per request (bench/README.md has the figures).
@@ -41,22 +36,12 @@ async fn main() -> ExitCode {
 
 async fn run(config: billing::Config) -> anyhow::Result<()> {
     let secrets = config.secrets()?;
+    let grpc_tls = config.grpc_tls()?;
     let options: PgConnectOptions = secrets
         .database_url
         .parse()
         .context("DATABASE_URL is not a valid PostgreSQL connection string")?;
-    // One direct attempt first: a pool reports only "timed out", this reports why (refused, bad password).
-    let probe = tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(&options))
-        .await
-        .context("failed to connect to postgres: timed out")?
-        .context("failed to connect to postgres")?;
-    probe.close().await.ok();
-    let db = PgPoolOptions::new()
-        .max_connections(config.db_max_connections)
-        .acquire_timeout(billing::DB_ACQUIRE_TIMEOUT)
-        .connect_with(options)
-        .await
-        .context("failed to connect to postgres")?;
+    let db = billing::connect_database(options, config.db_max_connections).await?;
     billing::MIGRATOR
         .run(&db)
         .await
@@ -72,6 +57,7 @@ async fn run(config: billing::Config) -> anyhow::Result<()> {
     let listener = TcpListener::bind(config.listen_addr)
         .await
         .with_context(|| format!("failed to listen on {}", config.listen_addr))?;
+    let listener = proto::tls::GrpcListener::new(listener, grpc_tls);
     tracing::info!(addr = %config.listen_addr, "billing listening");
     billing::serve(
         listener,

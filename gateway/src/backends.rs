@@ -53,6 +53,8 @@ pub struct Breaker {
     failures: AtomicU32,
     open: AtomicBool,
     opened_at: Mutex<Option<Instant>>,
+    /// What the last failure was, in words an operator can act on.
+    cause: Mutex<Option<String>>,
     /// Wakes the probe when the breaker opens; the probe ends when this is dropped.
     state: watch::Sender<bool>,
 }
@@ -66,6 +68,7 @@ impl Breaker {
             failures: AtomicU32::new(0),
             open: AtomicBool::new(false),
             opened_at: Mutex::new(None),
+            cause: Mutex::new(None),
             state,
         });
         tokio::spawn(probe(
@@ -87,11 +90,22 @@ impl Breaker {
         self.open.load(Ordering::Acquire)
     }
 
+    /// Returns what the last failure was while the breaker is open (for example that the backend's TLS
+    /// certificate was not trusted), `None` while it is closed.
+    pub fn cause(&self) -> Option<String> {
+        if !self.is_open() {
+            return None;
+        }
+        lock(&self.cause).clone()
+    }
+
     fn on_success(&self) {
         self.failures.store(0, Ordering::Release);
     }
 
-    fn on_error(&self) {
+    fn on_error(&self, status: &tonic::Status) {
+        let cause = describe_failure(status);
+        *lock(&self.cause) = Some(cause.clone());
         let failures = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
         if failures >= FAILURES_TO_OPEN && !self.open.swap(true, Ordering::AcqRel) {
             *self
@@ -102,6 +116,7 @@ impl Breaker {
             tracing::warn!(
                 backend = self.backend,
                 failures,
+                %cause,
                 "backend failing; breaker open, answering 503 at once and probing its health"
             );
             self.state.send_replace(true);
@@ -128,6 +143,23 @@ impl Breaker {
     }
 }
 
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Describes a failed call for logs and readiness: a TLS certificate the gateway does not trust is named as
+/// such, with the setting to check, rather than as a bare transport error.
+pub fn describe_failure(status: &tonic::Status) -> String {
+    match proto::tls::certificate_rejection(status) {
+        Some(reason) => {
+            format!("its TLS certificate was not trusted (check PAYGATE_GRPC_CA_FILE): {reason}")
+        }
+        None => format!("{:?}: {}", status.code(), status.message()),
+    }
+}
+
 /// Waits for `breaker` to open, then asks the backend's health every `PROBE_INTERVAL` until it answers
 /// SERVING, and closes the breaker. Ends when the breaker is dropped.
 async fn probe(
@@ -145,13 +177,24 @@ async fn probe(
                 service: service.to_owned(),
             });
             request.set_timeout(PROBE_DEADLINE);
+            let answer = tokio::time::timeout(PROBE_DEADLINE, health.check(request)).await;
             let serving = matches!(
-                tokio::time::timeout(PROBE_DEADLINE, health.check(request)).await,
+                &answer,
                 Ok(Ok(answer)) if answer.get_ref().status() == ServingStatus::Serving
             );
             let Some(breaker) = breaker.upgrade() else {
                 return;
             };
+            match &answer {
+                Ok(Err(status)) => *lock(&breaker.cause) = Some(describe_failure(status)),
+                Ok(Ok(answer)) if !serving => {
+                    *lock(&breaker.cause) = Some(format!(
+                        "its health answers {:?}",
+                        answer.get_ref().status()
+                    ));
+                }
+                _ => {}
+            }
             if serving {
                 breaker.close();
                 break;
@@ -201,16 +244,29 @@ pub struct Backends {
     admissions: mpsc::UnboundedSender<PendingAdmission>,
 }
 
-/// Returns a lazily connecting channel to `url`.
+/// Returns a lazily connecting channel to `url`: plaintext for `http://`, TLS verified against the system
+/// roots for `https://`.
 pub fn channel(url: &str) -> anyhow::Result<Channel> {
+    channel_trusting(url, None)
+}
+
+/// Returns a lazily connecting channel to `url`: plaintext for `http://`, TLS for `https://` verified
+/// against `ca` (`PAYGATE_GRPC_CA_FILE`), or the system roots when `ca` is `None`. The breaker's health
+/// probe shares the channel, so it speaks TLS too.
+pub fn channel_trusting(
+    url: &str,
+    ca: Option<&tonic::transport::Certificate>,
+) -> anyhow::Result<Channel> {
     use anyhow::Context;
 
-    Ok(tonic::transport::Endpoint::from_shared(url.to_owned())
+    let endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())
         .with_context(|| format!("`{url}` is not a valid URL"))?
         .connect_timeout(Duration::from_millis(500))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_while_idle(true)
+        .keep_alive_while_idle(true);
+    Ok(proto::tls::trust(endpoint, ca)
+        .with_context(|| format!("`{url}`: TLS settings"))?
         .connect_lazy())
 }
 
@@ -236,6 +292,16 @@ impl Backends {
             deadline,
             admissions,
         }
+    }
+
+    /// Returns why billing is not being asked while its breaker is open (`None` while it is closed).
+    pub fn billing_failing_because(&self) -> Option<String> {
+        self.billing_breaker.cause()
+    }
+
+    /// Returns why usage is not being asked while its breaker is open (`None` while it is closed).
+    pub fn usage_failing_because(&self) -> Option<String> {
+        self.usage_breaker.cause()
     }
 
     /// Returns the billing client (for the change stream, which has no deadline).
@@ -271,14 +337,13 @@ impl Backends {
                 Ok(None)
             }
             Ok(Err(status)) => {
-                self.billing_breaker.on_error();
+                self.billing_breaker.on_error(&status);
                 Err(BackendError::Failed(status))
             }
             Err(_) => {
-                self.billing_breaker.on_error();
-                Err(BackendError::Failed(tonic::Status::deadline_exceeded(
-                    "billing did not answer in time",
-                )))
+                let status = tonic::Status::deadline_exceeded("billing did not answer in time");
+                self.billing_breaker.on_error(&status);
+                Err(BackendError::Failed(status))
             }
         }
     }
@@ -486,15 +551,15 @@ async fn admit_batch(
             results
         }
         Ok(Err(status)) => {
-            breaker.on_error();
+            breaker.on_error(&status);
             answers
                 .iter()
                 .map(|_| Err(BackendError::Failed(status.clone())))
                 .collect()
         }
         Err(_) => {
-            breaker.on_error();
             let status = tonic::Status::deadline_exceeded("usage did not answer in time");
+            breaker.on_error(&status);
             answers
                 .iter()
                 .map(|_| Err(BackendError::Failed(status.clone())))

@@ -40,6 +40,23 @@ pub struct Config {
     /// How often per-customer statistics are reported to billing, in milliseconds.
     #[arg(long, env = "GATEWAY_STATS_INTERVAL_MS", default_value_t = 10_000)]
     pub stats_interval_ms: u64,
+
+    // TLS to billing and usage (DESIGN §9).
+    /// CA certificate(s) (PEM) billing's and usage's certificates are verified with when BILLING_URL or
+    /// USAGE_URL is https:// (default: the system roots).
+    #[arg(long, env = "PAYGATE_GRPC_CA_FILE")]
+    pub grpc_ca_file: Option<PathBuf>,
+}
+
+impl Config {
+    /// Returns the CA billing's and usage's certificates are verified with (`None`: the system roots).
+    pub fn grpc_ca(&self) -> anyhow::Result<Option<tonic::transport::Certificate>> {
+        self.grpc_ca_file
+            .as_deref()
+            .map(proto::tls::read_ca)
+            .transpose()
+            .context("PAYGATE_GRPC_CA_FILE")
+    }
 }
 
 impl Config {

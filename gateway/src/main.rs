@@ -45,9 +45,12 @@ async fn run(config: gateway::Config) -> anyhow::Result<()> {
         .with_context(|| format!("GATEWAY_CONFIG `{}`", config.routes_file.display()))?;
     let token = proto::auth::BearerToken::new(&token)
         .context("PAYGATE_SERVICE_TOKEN is not valid in a header")?;
+    let grpc_ca = config.grpc_ca()?;
     let backends = gateway::backends::Backends::new(
-        gateway::backends::channel(&config.billing_url).context("BILLING_URL")?,
-        gateway::backends::channel(&config.usage_url).context("USAGE_URL")?,
+        gateway::backends::channel_trusting(&config.billing_url, grpc_ca.as_ref())
+            .context("BILLING_URL")?,
+        gateway::backends::channel_trusting(&config.usage_url, grpc_ca.as_ref())
+            .context("USAGE_URL")?,
         token,
         config.backend_deadline(),
     );

@@ -9,7 +9,7 @@ use http_body_util::Empty;
 use hyper::{Request, Uri, header};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+use tonic::transport::{ClientTlsConfig, Endpoint};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
@@ -24,7 +24,7 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(3);
 pub enum HealthCommand {
     /// Ask a gRPC server (billing, usage) for its health; exit 0 only when it answers SERVING.
     ///
-    /// `https://` targets are verified against the system roots and PAYGATE_GRPC_CA_FILE when set.
+    /// `https://` targets are verified against PAYGATE_GRPC_CA_FILE when set, else the system roots.
     Grpc {
         /// `host:port` (plain gRPC), or an `http://` or `https://` URL.
         target: String,
@@ -104,20 +104,16 @@ async fn check_grpc(target: &str, service: &str) -> Result<(), CtlError> {
     }
 }
 
-/// The same trust a service has for gRPC: the system roots, plus PAYGATE_GRPC_CA_FILE when set.
+/// The same trust a service has for gRPC: only the CA in PAYGATE_GRPC_CA_FILE when set, else the system
+/// roots.
 fn grpc_tls() -> Result<ClientTlsConfig, CtlError> {
-    let config = ClientTlsConfig::new().with_native_roots();
     match std::env::var_os("PAYGATE_GRPC_CA_FILE").filter(|path| !path.is_empty()) {
         Some(path) => {
-            let pem = std::fs::read(&path).map_err(|error| {
-                CtlError::Unhealthy(format!(
-                    "PAYGATE_GRPC_CA_FILE `{}`: {error}",
-                    path.to_string_lossy()
-                ))
-            })?;
-            Ok(config.ca_certificate(Certificate::from_pem(pem)))
+            let ca = proto::tls::read_ca(std::path::Path::new(&path))
+                .map_err(|error| CtlError::Unhealthy(format!("PAYGATE_GRPC_CA_FILE: {error}")))?;
+            Ok(ClientTlsConfig::new().ca_certificate(ca))
         }
-        None => Ok(config),
+        None => Ok(ClientTlsConfig::new().with_native_roots()),
     }
 }
 

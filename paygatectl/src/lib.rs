@@ -53,6 +53,15 @@ pub struct Cli {
         help_heading = "Connection"
     )]
     pub token: Option<String>,
+    /// CA certificate(s) (PEM) billing's certificate is verified with when --url is https:// (default: the
+    /// system roots).
+    #[arg(
+        long,
+        env = "PAYGATE_GRPC_CA_FILE",
+        global = true,
+        help_heading = "Connection"
+    )]
+    pub ca_file: Option<std::path::PathBuf>,
     /// Who is acting, for the audit log; or set PAYGATE_ACTOR.
     #[arg(
         long,
@@ -442,6 +451,12 @@ pub enum CtlError {
     BadUrl(String),
     #[error("billing is unreachable at {url}: {detail}")]
     Unreachable { url: String, detail: String },
+    #[error(
+        "billing at {url} presented a TLS certificate that was not trusted (check --ca-file): {reason}"
+    )]
+    UntrustedCertificate { url: String, reason: String },
+    #[error("--ca-file: {0}")]
+    BadCaFile(String),
     #[error("billing refused the admin token (check PAYGATE_ADMIN_TOKEN)")]
     Unauthenticated,
     #[error("{0}")]
@@ -527,16 +542,7 @@ pub async fn run(cli: Cli, out: &mut impl Write) -> Result<(), CtlError> {
         ),
         None => None,
     };
-    let endpoint = Endpoint::from_shared(cli.url.clone())
-        .map_err(|_| CtlError::BadUrl(cli.url.clone()))?
-        .connect_timeout(Duration::from_secs(5));
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|error| CtlError::Unreachable {
-            url: cli.url.clone(),
-            detail: source_chain(&error),
-        })?;
+    let channel = connect(&cli.url, cli.ca_file.as_deref()).await?;
     let mut admin = Admin {
         client: BillingAdminClient::new(channel),
         authorization,
@@ -560,6 +566,36 @@ pub async fn run(cli: Cli, out: &mut impl Write) -> Result<(), CtlError> {
     };
     rendered.write(format, out)?;
     Ok(())
+}
+
+/// Connects to billing at `url`: plaintext for `http://`, TLS for `https://` verified against the CA in
+/// `ca_file`, or the system roots.
+async fn connect(url: &str, ca_file: Option<&std::path::Path>) -> Result<Channel, CtlError> {
+    let ca = ca_file
+        .map(proto::tls::read_ca)
+        .transpose()
+        .map_err(|error| CtlError::BadCaFile(error.to_string()))?;
+    let endpoint = Endpoint::from_shared(url.to_owned())
+        .map_err(|_| CtlError::BadUrl(url.to_owned()))?
+        .connect_timeout(Duration::from_secs(5));
+    let endpoint =
+        proto::tls::trust(endpoint, ca.as_ref()).map_err(|error| CtlError::Unreachable {
+            url: url.to_owned(),
+            detail: source_chain(&error),
+        })?;
+    endpoint
+        .connect()
+        .await
+        .map_err(|error| match proto::tls::certificate_rejection(&error) {
+            Some(reason) => CtlError::UntrustedCertificate {
+                url: url.to_owned(),
+                reason,
+            },
+            None => CtlError::Unreachable {
+                url: url.to_owned(),
+                detail: source_chain(&error),
+            },
+        })
 }
 
 pub(crate) fn source_chain(error: &(dyn std::error::Error + 'static)) -> String {

@@ -1,5 +1,5 @@
-//! gRPC contracts between the gateway and the backend services, with the two pieces of the contract that
-//! are code: the API-key format and the bearer-token check.
+//! gRPC contracts between the gateway and the backend services, with the pieces of the contract that are
+//! code: the API-key format, the bearer-token check and TLS on the gRPC links.
 
 #[allow(clippy::all, clippy::pedantic, rust_2018_idioms)]
 pub mod billing {
@@ -17,6 +17,7 @@ pub mod usage {
 
 pub mod api_key;
 pub mod auth;
+pub mod tls;
 
 /// Encoded descriptors of all packages, for `tonic-reflection`.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("descriptors");

@@ -21,8 +21,10 @@ mod supervisor;
 pub mod tls;
 mod usage_service;
 
-pub use postgres::{RestartablePostgres, spawn_restartable_postgres};
-pub use redis_server::{RestartableRedis, spawn_restartable_redis};
+pub use postgres::{
+    RestartablePostgres, TlsPostgres, spawn_restartable_postgres, spawn_tls_postgres,
+};
+pub use redis_server::{RestartableRedis, TlsRedis, spawn_restartable_redis, spawn_tls_redis};
 
 pub use gateway_service::{
     Answer, GatewayInstance, TEST_BACKEND_DEADLINE, Tarpit, Upstream, UpstreamBody, body, get,
@@ -54,7 +56,7 @@ use tonic::{
     Request, Status,
     metadata::{Ascii, MetadataValue},
     service::{Interceptor, interceptor::InterceptedService},
-    transport::Channel,
+    transport::{Certificate, Channel, ServerTlsConfig},
 };
 use uuid::Uuid;
 
@@ -179,6 +181,21 @@ pub async fn spawn_billing(db: PgPool) -> BillingInstance {
 /// Starts billing on `db` on a free port with the given clock (share one clock between instances that
 /// must agree on the time).
 pub async fn spawn_billing_with_clock(db: PgPool, clock: Arc<ManualClock>) -> BillingInstance {
+    spawn_billing_serving(db, clock, None).await
+}
+
+/// Starts billing on `db` on a free port serving gRPC over TLS only, with `tls` (for example
+/// `proto::tls::server_config` of a certificate from a `TestCa`); its clock stands at `CLOCK_START`. Its
+/// `admin` and `entitlements` clients trust nothing by themselves: use `channel_trusting`.
+pub async fn spawn_billing_with_tls(db: PgPool, tls: ServerTlsConfig) -> BillingInstance {
+    spawn_billing_serving(db, Arc::new(ManualClock::new(CLOCK_START)), Some(tls)).await
+}
+
+async fn spawn_billing_serving(
+    db: PgPool,
+    clock: Arc<ManualClock>,
+    tls: Option<ServerTlsConfig>,
+) -> BillingInstance {
     let listener = TcpListener::bind("127.0.0.1:0")
         .await
         .expect("failed to bind a port for billing");
@@ -194,6 +211,7 @@ pub async fn spawn_billing_with_clock(db: PgPool, clock: Arc<ManualClock>) -> Bi
         // An error means the instance was dropped: stop as well.
         let _ = stopped.await;
     };
+    let listener = proto::tls::GrpcListener::new(listener, tls);
     let serve = billing::serve(listener, db, tokens, clock.clone(), shutdown);
     let task = tokio::spawn(async move { serve.await.map_err(|error| format!("{error:#}")) });
     BillingInstance {
@@ -250,6 +268,18 @@ impl BillingInstance {
                 panic!("failed to connect to billing at {}: {error}", self.addr)
             })
     }
+}
+
+/// Returns a connected channel to `https://<name>:<port of addr>` that trusts `ca` only; `name` is what
+/// the server's certificate must be valid for (`localhost` or `127.0.0.1`). Panics when it cannot connect.
+pub async fn channel_trusting(addr: SocketAddr, name: &str, ca: &Certificate) -> Channel {
+    let endpoint =
+        Channel::from_shared(format!("https://{name}:{}", addr.port())).expect("a valid URI");
+    proto::tls::trust(endpoint, Some(ca))
+        .expect("TLS settings")
+        .connect()
+        .await
+        .unwrap_or_else(|error| panic!("failed to connect over TLS to {addr}: {error}"))
 }
 
 /// Returns what the gRPC health service at `addr` reports for `service` (`""`: the server as a whole);

@@ -360,6 +360,87 @@ impl RestartablePostgres {
     }
 }
 
+/// A PostgreSQL cluster of a test's own that accepts only TLS connections (`hostssl` in its `pg_hba.conf`,
+/// plaintext rejected), with a certificate from a test CA. It stops when dropped or when the test process
+/// exits.
+pub struct TlsPostgres {
+    port: u16,
+    database: String,
+    _supervisor: Supervisor,
+}
+
+/// Starts a cluster of the test's own (copied from the shared template) with `ssl=on` and a certificate `ca`
+/// issues for `localhost` and `127.0.0.1`, and creates a database migrated with `billing::MIGRATOR`.
+/// Panics with one line when PostgreSQL is missing or cannot start.
+pub async fn spawn_tls_postgres(ca: &crate::tls::TestCa) -> TlsPostgres {
+    crate::init_test_logging();
+    let cert = ca.issue("postgres", &["localhost", "127.0.0.1"]);
+    let user = RunAs::detect();
+    // PostgreSQL refuses a key that others may read, or that is not its own (or root's with group access).
+    user.give(&cert.key_file);
+    let hba_file = ca.dir().join("pg_hba.conf");
+    fs::write(
+        &hba_file,
+        "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhost all all 0.0.0.0/0 reject\n",
+    )
+    .unwrap_or_else(|error| panic!("failed to write `{}`: {error}", hba_file.display()));
+    let settings = [
+        "-c".to_owned(),
+        "ssl=on".to_owned(),
+        "-c".to_owned(),
+        format!("ssl_cert_file={}", cert.cert_file.display()),
+        "-c".to_owned(),
+        format!("ssl_key_file={}", cert.key_file.display()),
+        "-c".to_owned(),
+        format!("hba_file={}", hba_file.display()),
+    ];
+    let (port, supervisor) = crate::run_blocking("starting PostgreSQL with TLS", move || {
+        let settings: Vec<&str> = settings.iter().map(String::as_str).collect();
+        start_attempts(&settings)
+    })
+    .await;
+    let server: PgConnectOptions = tls_url(port, "postgres", &ca.cert_file())
+        .parse()
+        .expect("a valid PostgreSQL URL");
+    let database = crate::create_database_on(&server, "test").await;
+    let mut connection = PgConnection::connect_with(&server.database(&database))
+        .await
+        .unwrap_or_else(|error| panic!("failed to connect to database `{database}`: {error}"));
+    billing::MIGRATOR
+        .run(&mut connection)
+        .await
+        .unwrap_or_else(|error| panic!("failed to migrate database `{database}`: {error}"));
+    let _ = connection.close().await;
+    TlsPostgres {
+        port,
+        database,
+        _supervisor: supervisor,
+    }
+}
+
+impl TlsPostgres {
+    /// Returns the URL of its migrated database with `sslmode=verify-full` and `sslrootcert=<ca_file>`.
+    pub fn database_url_trusting(&self, ca_file: &Path) -> String {
+        tls_url(self.port, &self.database, ca_file)
+    }
+
+    /// Returns the URL of its migrated database with `sslmode=<mode>` and no root certificate (the system
+    /// roots, where a mode verifies).
+    pub fn database_url_with_sslmode(&self, mode: &str) -> String {
+        format!(
+            "postgres://postgres@127.0.0.1:{}/{}?sslmode={mode}",
+            self.port, self.database
+        )
+    }
+}
+
+fn tls_url(port: u16, database: &str, ca_file: &Path) -> String {
+    format!(
+        "postgres://postgres@127.0.0.1:{port}/{database}?sslmode=verify-full&sslrootcert={}",
+        ca_file.display()
+    )
+}
+
 /// Returns the options of the maintenance database of the cluster at `port`.
 pub(crate) fn server_options(port: u16) -> PgConnectOptions {
     format!("postgres://postgres@127.0.0.1:{port}/postgres?sslmode=disable")

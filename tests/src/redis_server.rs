@@ -64,16 +64,24 @@ pub const DURABLE: &[&str] = &[
 /// Starts another Redis server with `settings` (e.g. persistence off); it stops when the returned value
 /// is dropped or the process exits.
 pub(crate) fn start_with(settings: &[&str]) -> Server {
-    let (port, _dir, supervisor) = start_attempts(settings);
+    let (port, _dir, supervisor) = start_attempts(settings, Listen::Plain);
     Server {
         port,
         _supervisor: supervisor,
     }
 }
 
+/// What a server listens with on its port.
+#[derive(Clone, Copy)]
+enum Listen {
+    Plain,
+    /// TLS only: the plaintext port is off.
+    Tls,
+}
+
 /// Starts redis on a free port, retrying when the port was taken meanwhile; returns the port, the data
 /// directory and the running server.
-fn start_attempts(settings: &[&str]) -> (u16, PathBuf, Supervisor) {
+fn start_attempts(settings: &[&str], listen: Listen) -> (u16, PathBuf, Supervisor) {
     let binary = find_binary();
     let mut last_error = String::new();
     for _ in 0..START_ATTEMPTS {
@@ -85,8 +93,17 @@ fn start_attempts(settings: &[&str]) -> (u16, PathBuf, Supervisor) {
             .map(|addr| addr.port())
             .unwrap_or_else(|error| panic!("failed to find a free port: {error}"));
         let mut command = Command::new(&binary);
+        let port_settings = match listen {
+            Listen::Plain => ["--port".to_owned(), port.to_string()],
+            Listen::Tls => ["--port".to_owned(), "0".to_owned()],
+        };
         command
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(port_settings)
+            .args(match listen {
+                Listen::Plain => vec![],
+                Listen::Tls => vec!["--tls-port".to_owned(), port.to_string()],
+            })
+            .args(["--bind", "127.0.0.1"])
             .arg("--dir")
             .arg(&dir)
             .arg("--pidfile")
@@ -126,7 +143,7 @@ pub async fn spawn_restartable_redis(overrides: &[&str]) -> RestartableRedis {
         .collect();
     let (port, dir, supervisor) = crate::run_blocking("starting redis", move || {
         let settings: Vec<&str> = settings.iter().map(String::as_str).collect();
-        start_attempts(&settings)
+        start_attempts(&settings, Listen::Plain)
     })
     .await;
     let redis = RestartableRedis {
@@ -243,6 +260,64 @@ fn newest_incremental_file(manifest: &str) -> Option<String> {
             (value("type")? == "i").then(|| value("file").map(str::to_owned))?
         })
         .next_back()
+}
+
+/// A Redis server of a test's own that speaks only TLS, with a certificate from a test CA; it stops when
+/// dropped, or when the test process exits.
+pub struct TlsRedis {
+    port: u16,
+    _server: Server,
+}
+
+/// Starts a Redis server of the test's own with usage's settings (`DURABLE`) that serves only TLS, with a
+/// certificate `ca` issues for `localhost` and `127.0.0.1`, and does not ask clients for certificates.
+/// Panics with one line when `redis-server` is missing, lacks TLS, or cannot start.
+pub async fn spawn_tls_redis(ca: &crate::tls::TestCa) -> TlsRedis {
+    let cert = ca.issue("redis", &["localhost", "127.0.0.1"]);
+    let settings: Vec<String> = DURABLE
+        .iter()
+        .map(|setting| (*setting).to_owned())
+        .chain([
+            "--tls-cert-file".to_owned(),
+            path_text(&cert.cert_file),
+            "--tls-key-file".to_owned(),
+            path_text(&cert.key_file),
+            "--tls-ca-cert-file".to_owned(),
+            path_text(&ca.cert_file()),
+            "--tls-auth-clients".to_owned(),
+            "no".to_owned(),
+        ])
+        .collect();
+    let (port, _dir, supervisor) = crate::run_blocking("starting redis with TLS", move || {
+        let settings: Vec<&str> = settings.iter().map(String::as_str).collect();
+        start_attempts(&settings, Listen::Tls)
+    })
+    .await;
+    TlsRedis {
+        port,
+        _server: Server {
+            port,
+            _supervisor: supervisor,
+        },
+    }
+}
+
+impl TlsRedis {
+    /// Returns its URL, `rediss://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("rediss://127.0.0.1:{}", self.port)
+    }
+
+    /// Returns its port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+fn path_text(path: &Path) -> String {
+    path.to_str()
+        .unwrap_or_else(|| panic!("`{}` is not UTF-8", path.display()))
+        .to_owned()
 }
 
 /// Polls PING until redis answers it (a Redis still loading its data answers LOADING).

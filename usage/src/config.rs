@@ -49,6 +49,43 @@ pub struct Config {
     /// restart then forgets counters, and eviction can forget spending).
     #[arg(long, env = "USAGE_ALLOW_VOLATILE_REDIS", default_value_t = false)]
     pub allow_volatile_redis: bool,
+
+    // TLS (DESIGN §9): the gRPC server, the link to billing, and Redis.
+    /// Certificate chain (PEM) the gRPC server presents; with PAYGATE_GRPC_TLS_KEY_FILE it serves TLS only.
+    /// Plaintext when both are unset.
+    #[arg(long, env = "PAYGATE_GRPC_TLS_CERT_FILE")]
+    pub grpc_tls_cert_file: Option<PathBuf>,
+    /// Private key (PEM) of PAYGATE_GRPC_TLS_CERT_FILE.
+    #[arg(long, env = "PAYGATE_GRPC_TLS_KEY_FILE")]
+    pub grpc_tls_key_file: Option<PathBuf>,
+    /// CA certificate(s) (PEM) billing's certificate is verified with when BILLING_URL is https://
+    /// (default: the system roots).
+    #[arg(long, env = "PAYGATE_GRPC_CA_FILE")]
+    pub grpc_ca_file: Option<PathBuf>,
+    /// CA certificate(s) (PEM) Redis's certificate is verified with when REDIS_URL is rediss://
+    /// (default: the system roots).
+    #[arg(long, env = "REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
+}
+
+impl Config {
+    /// Returns the TLS the gRPC server serves (`None`: plaintext); fails when only one of the two files is
+    /// set or either cannot be used, naming the variable.
+    pub fn grpc_tls(&self) -> anyhow::Result<Option<tonic::transport::ServerTlsConfig>> {
+        Ok(proto::tls::server_config_from_settings(
+            self.grpc_tls_cert_file.as_deref(),
+            self.grpc_tls_key_file.as_deref(),
+        )?)
+    }
+
+    /// Returns the CA billing's certificate is verified with (`None`: the system roots).
+    pub fn grpc_ca(&self) -> anyhow::Result<Option<tonic::transport::Certificate>> {
+        self.grpc_ca_file
+            .as_deref()
+            .map(proto::tls::read_ca)
+            .transpose()
+            .context("PAYGATE_GRPC_CA_FILE")
+    }
 }
 
 /// The secrets of a `Config`, resolved from their values or files.

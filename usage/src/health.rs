@@ -55,7 +55,13 @@ impl RedisProbe {
     /// Returns a probe of the Redis at `url`; `shared` is the connection the counters use.
     pub fn new(url: &str, shared: ConnectionManager) -> anyhow::Result<Self> {
         let client = redis::Client::open(url).context("REDIS_URL is not a valid Redis URL")?;
-        Ok(Self { client, shared })
+        Ok(Self::with_client(client, shared))
+    }
+
+    /// Returns a probe that opens its connection through `client` (for example one with TLS settings);
+    /// `shared` is the connection the counters use.
+    pub fn with_client(client: redis::Client, shared: ConnectionManager) -> Self {
+        Self { client, shared }
     }
 
     /// Starts probing every `PROBE_INTERVAL` until `stop` is cancelled; reports SERVING / NOT_SERVING for

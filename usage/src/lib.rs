@@ -20,15 +20,14 @@ pub mod health;
 pub mod reconcile;
 pub mod reports;
 
-use std::{future::Future, time::Duration};
+use std::{future::Future, path::Path, time::Duration};
 
 use anyhow::{Context, bail};
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Endpoint, Server, server::TcpIncoming};
+use tonic::transport::{Certificate, Endpoint, Server, server::TcpIncoming};
 
 use proto::{
-    auth::BearerToken, billing::v1::entitlements_client::EntitlementsClient,
+    auth::BearerToken, billing::v1::entitlements_client::EntitlementsClient, tls::GrpcListener,
     usage::v1::usage_server::UsageServer,
 };
 use tonic::{Status, server::NamedService, service::Interceptor};
@@ -49,15 +48,46 @@ pub struct Settings {
     pub reconcile_interval: Duration,
 }
 
-/// Connects to Redis (one multiplexed connection that reconnects on its own).
+/// Returns a client of the Redis at `url`. A `rediss://` URL is served over TLS, the server verified
+/// against the CA certificates in `ca_file` when given, else against the system roots; `ca_file` with a
+/// plaintext URL is refused, since the operator evidently meant TLS.
+pub fn redis_client(url: &str, ca_file: Option<&Path>) -> anyhow::Result<redis::Client> {
+    let Some(ca_file) = ca_file else {
+        return redis::Client::open(url).context("REDIS_URL is not a valid Redis URL");
+    };
+    if !url.starts_with("rediss://") {
+        bail!("REDIS_CA_FILE is set but REDIS_URL is not a rediss:// URL");
+    }
+    let root_cert = proto::tls::read_ca(ca_file)
+        .context("REDIS_CA_FILE")?
+        .into_inner();
+    redis::Client::build_with_tls(
+        url,
+        redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(root_cert),
+        },
+    )
+    .context("REDIS_URL is not a valid Redis URL")
+}
+
+/// Connects to the Redis at `url` (plaintext, or TLS with the system roots for `rediss://`); see
+/// [`connect_redis_with`].
+pub async fn connect_redis(url: &str) -> anyhow::Result<redis::aio::ConnectionManager> {
+    connect_redis_with(&redis_client(url, None)?).await
+}
+
+/// Connects to Redis through `client` (one multiplexed connection that reconnects on its own).
 ///
 /// A lost connection is re-opened with a single attempt of at most `REDIS_CONNECT_TIMEOUT`, without
 /// back-off: calls waiting on it fail at once while Redis refuses connections, and the next call (or the
 /// health probe) tries again, so usage serves as soon as Redis is back. The response timeout stays long
 /// because thousands of admissions may queue on the one connection; a Redis that stops answering is caught
-/// by the probe (`health`) instead.
-pub async fn connect_redis(url: &str) -> anyhow::Result<redis::aio::ConnectionManager> {
-    let client = redis::Client::open(url).context("REDIS_URL is not a valid Redis URL")?;
+/// by the probe (`health`) instead. A certificate that is not trusted is reported as such, naming
+/// REDIS_CA_FILE.
+pub async fn connect_redis_with(
+    client: &redis::Client,
+) -> anyhow::Result<redis::aio::ConnectionManager> {
     let config = redis::aio::ConnectionManagerConfig::new()
         .set_number_of_retries(0)
         .set_connection_timeout(Some(REDIS_CONNECT_TIMEOUT))
@@ -65,7 +95,7 @@ pub async fn connect_redis(url: &str) -> anyhow::Result<redis::aio::ConnectionMa
     let mut connection = client
         .get_connection_manager_with_config(config)
         .await
-        .context("failed to connect to redis")?;
+        .map_err(redis_connect_error)?;
     // A Redis restarting with a large append-only file answers LOADING until it has read it; usage waits
     // for it (a restarted stack would otherwise lose usage to a race it cannot win) rather than exit.
     let started = std::time::Instant::now();
@@ -82,8 +112,17 @@ pub async fn connect_redis(url: &str) -> anyhow::Result<redis::aio::ConnectionMa
                 tracing::info!("redis is loading its data; waiting");
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
-            Err(error) => return Err(error).context("failed to connect to redis"),
+            Err(error) => return Err(redis_connect_error(error)),
         }
+    }
+}
+
+fn redis_connect_error(error: redis::RedisError) -> anyhow::Error {
+    match proto::tls::certificate_rejection(&error) {
+        Some(reason) => anyhow::anyhow!(
+            "failed to connect to redis: its TLS certificate was not trusted (check REDIS_CA_FILE): {reason}"
+        ),
+        None => anyhow::Error::new(error).context("failed to connect to redis"),
     }
 }
 
@@ -129,10 +168,22 @@ pub async fn check_durability(counters: &Counters, allow_volatile: bool) -> anyh
 
 /// Returns a billing client that sends `token` on every call; it connects on first use.
 pub fn billing_client(url: &str, token: &str) -> anyhow::Result<BillingClient> {
+    billing_client_trusting(url, token, None)
+}
+
+/// Returns a billing client like [`billing_client`] that verifies an `https://` billing against `ca`
+/// (`None`: the system roots).
+pub fn billing_client_trusting(
+    url: &str,
+    token: &str,
+    ca: Option<&Certificate>,
+) -> anyhow::Result<BillingClient> {
     let endpoint = Endpoint::from_shared(url.to_owned())
         .with_context(|| format!("BILLING_URL `{url}` is not a valid URL"))?
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true);
+    let endpoint = proto::tls::trust(endpoint, ca)
+        .with_context(|| format!("BILLING_URL `{url}`: TLS settings"))?;
     let token =
         BearerToken::new(token).context("PAYGATE_SERVICE_TOKEN is not valid in a header")?;
     Ok(EntitlementsClient::with_interceptor(
@@ -141,12 +192,13 @@ pub fn billing_client(url: &str, token: &str) -> anyhow::Result<BillingClient> {
     ))
 }
 
-/// Serves `usage.v1.Usage` (with health) on `listener` until `shutdown` completes; meanwhile reports
-/// spending to billing, follows billing's credit changes and probes Redis with `redis` (health is
-/// NOT_SERVING, and calls are answered UNAVAILABLE at once, while Redis is unreachable). On shutdown it
-/// drains in-flight calls, then reports what is pending before returning.
+/// Serves `usage.v1.Usage` (with health) on `listener` (TLS when it carries a certificate, else
+/// plaintext) until `shutdown` completes; meanwhile reports spending to billing, follows billing's credit
+/// changes and probes Redis with `redis` (health is NOT_SERVING, and calls are answered UNAVAILABLE at
+/// once, while Redis is unreachable). On shutdown it drains in-flight calls, then reports what is pending
+/// before returning.
 pub async fn serve(
-    listener: TcpListener,
+    listener: impl Into<GrpcListener>,
     counters: Counters,
     redis: RedisProbe,
     billing: BillingClient,
@@ -208,7 +260,14 @@ pub async fn serve(
     };
     let reflection = reflection_builder().build_v1()?;
     let reflection_alpha = reflection_builder().build_v1alpha()?; // older grpcurl and tools speak only v1alpha
-    let served = Server::builder()
+    let GrpcListener { listener, tls } = listener.into();
+    let mut server = Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls).context(
+            "PAYGATE_GRPC_TLS_CERT_FILE/PAYGATE_GRPC_TLS_KEY_FILE are not a usable pair",
+        )?;
+    }
+    let served = server
         .layer(telemetry::traces::GrpcTraceLayer::new("usage"))
         .add_service(health_service)
         .add_service(reflection)

@@ -36,13 +36,20 @@ async fn main() -> ExitCode {
 
 async fn run(config: usage::Config) -> anyhow::Result<()> {
     let secrets = config.secrets()?;
-    let redis = usage::connect_redis(&secrets.redis_url).await?;
-    let probe = usage::RedisProbe::new(&secrets.redis_url, redis.clone())?;
+    let grpc_tls = config.grpc_tls()?;
+    let grpc_ca = config.grpc_ca()?;
+    let redis_client = usage::redis_client(&secrets.redis_url, config.redis_ca_file.as_deref())?;
+    let redis = usage::connect_redis_with(&redis_client).await?;
+    let probe = usage::RedisProbe::with_client(redis_client, redis.clone());
     let counters = usage::Counters::new(redis, usage::Keys::new(config.key_prefix.clone()))
         .await
         .context("failed to load the admission script into redis")?;
     usage::check_durability(&counters, config.allow_volatile_redis).await?;
-    let billing = usage::billing_client(&config.billing_url, &secrets.service_token)?;
+    let billing = usage::billing_client_trusting(
+        &config.billing_url,
+        &secrets.service_token,
+        grpc_ca.as_ref(),
+    )?;
     let metrics = TcpListener::bind(config.metrics_addr)
         .await
         .with_context(|| format!("failed to listen on {} for metrics", config.metrics_addr))?;
@@ -54,6 +61,7 @@ async fn run(config: usage::Config) -> anyhow::Result<()> {
     let listener = TcpListener::bind(config.listen_addr)
         .await
         .with_context(|| format!("failed to listen on {}", config.listen_addr))?;
+    let listener = proto::tls::GrpcListener::new(listener, grpc_tls);
     tracing::info!(addr = %config.listen_addr, "usage listening");
     let settings = usage::Settings {
         service_token: secrets.service_token,
