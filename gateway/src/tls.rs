@@ -152,15 +152,12 @@ pub fn tls_failure<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&
         if let Some(tls) = current.downcast_ref::<rustls::Error>() {
             return Some(tls);
         }
-        // An io::Error is transparent to `source()`: the rustls error it carries is only reachable here.
-        if let Some(tls) = current
-            .downcast_ref::<io::Error>()
-            .and_then(io::Error::get_ref)
-            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-        {
-            return Some(tls);
-        }
-        cause = current.source();
+        // An io::Error is transparent to `source()`, which skips the error it wraps; tokio-rustls wraps
+        // the rustls error in one, and hyper-rustls wraps that in another.
+        cause = match current.downcast_ref::<io::Error>().and_then(io::Error::get_ref) {
+            Some(wrapped) => Some(wrapped as &(dyn std::error::Error + 'static)),
+            None => current.source(),
+        };
     }
     None
 }
