@@ -154,7 +154,10 @@ pub fn tls_failure<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&
         }
         // An io::Error is transparent to `source()`, which skips the error it wraps; tokio-rustls wraps
         // the rustls error in one, and hyper-rustls wraps that in another.
-        cause = match current.downcast_ref::<io::Error>().and_then(io::Error::get_ref) {
+        cause = match current
+            .downcast_ref::<io::Error>()
+            .and_then(io::Error::get_ref)
+        {
             Some(wrapped) => Some(wrapped as &(dyn std::error::Error + 'static)),
             None => current.source(),
         };
