@@ -535,7 +535,7 @@ pub fn digest_key(secret: &str) -> [u8; 32] {
 /// Problem codes (DESIGN §3) counted per customer and hour, in their stored order: a code is only ever
 /// appended, so the positions of `customer_hourly_stats.answered` keep their meaning. 401s are absent: no
 /// valid key, no customer to count them for.
-pub const ANSWER_CODES: [&str; 12] = [
+pub const ANSWER_CODES: [&str; 13] = [
     "subscription_required",
     "subscription_inactive",
     "payment_past_due",
@@ -548,6 +548,7 @@ pub const ANSWER_CODES: [&str; 12] = [
     "upstream_timeout",
     "payload_too_large",
     "bad_request",
+    "upstream_tls",
 ];
 
 /// Upper bounds (ms) of the upstream latency buckets counted per customer and hour; one more bucket, +Inf,

@@ -40,6 +40,14 @@ pub struct Config {
     /// How often per-customer statistics are reported to billing, in milliseconds.
     #[arg(long, env = "GATEWAY_STATS_INTERVAL_MS", default_value_t = 10_000)]
     pub stats_interval_ms: u64,
+    /// PEM certificate chain (leaf first) to serve HTTPS with, h2 and HTTP/1.1 by ALPN; with
+    /// GATEWAY_TLS_KEY_FILE. Both files are checked every few seconds and a new pair is used without a
+    /// restart. Unset: plain HTTP.
+    #[arg(long, env = "GATEWAY_TLS_CERT_FILE")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of GATEWAY_TLS_CERT_FILE.
+    #[arg(long, env = "GATEWAY_TLS_KEY_FILE")]
+    pub tls_key_file: Option<PathBuf>,
 
     // TLS to billing and usage (DESIGN §9).
     /// CA certificate(s) (PEM) billing's and usage's certificates are verified with when BILLING_URL or
@@ -57,9 +65,7 @@ impl Config {
             .transpose()
             .context("PAYGATE_GRPC_CA_FILE")
     }
-}
 
-impl Config {
     /// Returns the service token from its variable or file.
     pub fn service_token(&self) -> anyhow::Result<String> {
         let token = match (&self.service_token, &self.service_token_file) {
@@ -81,6 +87,27 @@ impl Config {
             bail!("PAYGATE_SERVICE_TOKEN is empty");
         }
         Ok(token)
+    }
+
+    /// Returns the listener's certificate and key when HTTPS is configured, `None` for plain HTTP; fails
+    /// when only one of the two files is set, or when they cannot be used.
+    pub fn server_tls(&self) -> anyhow::Result<Option<crate::tls::ServerTls>> {
+        match (&self.tls_cert_file, &self.tls_key_file) {
+            (None, None) => Ok(None),
+            (Some(cert_file), Some(key_file)) => crate::tls::ServerTls::load(cert_file, key_file)
+                .map(Some)
+                .context("GATEWAY_TLS_CERT_FILE/GATEWAY_TLS_KEY_FILE"),
+            (Some(_), None) => {
+                bail!(
+                    "GATEWAY_TLS_CERT_FILE is set without GATEWAY_TLS_KEY_FILE; set both or neither"
+                )
+            }
+            (None, Some(_)) => {
+                bail!(
+                    "GATEWAY_TLS_KEY_FILE is set without GATEWAY_TLS_CERT_FILE; set both or neither"
+                )
+            }
+        }
     }
 
     /// Returns how often customer statistics are reported.

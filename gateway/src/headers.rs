@@ -84,8 +84,28 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// The scheme a client reached the gateway with; the listener puts it in each request's extensions, so
+/// the upstream is told the original scheme.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    Http,
+    Https,
+}
+
+impl Scheme {
+    /// Returns the scheme as written in `X-Forwarded-Proto` and `Forwarded: proto=`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Http => "http",
+            Self::Https => "https",
+        }
+    }
+}
+
 /// What the gateway knows about the caller when forwarding.
 pub struct Forwarding<'a> {
+    /// The scheme the client used toward the gateway.
+    pub scheme: Scheme,
     /// The client's address as determined (the peer, or the hop a trusted proxy reported).
     pub client_ip: IpAddr,
     /// The `X-Forwarded-For` chain to send (see `client_ip::client_address`).
@@ -126,12 +146,12 @@ pub fn prepare_upstream_headers(headers: &mut HeaderMap, forwarding: &Forwarding
     insert(headers, PLAN, forwarding.plan_code);
     insert(headers, FORWARDED_FOR, forwarding.forwarded_for);
     insert(headers, REAL_IP, &client);
-    insert(headers, FORWARDED_PROTO, "http");
+    insert(headers, FORWARDED_PROTO, forwarding.scheme.as_str());
     let node = match forwarding.client_ip {
         IpAddr::V4(_) => client.clone(),
         IpAddr::V6(_) => format!("\"[{client}]\""),
     };
-    let mut forwarded = format!("for={node};proto=http");
+    let mut forwarded = format!("for={node};proto={}", forwarding.scheme.as_str());
     if let Some(host) = forwarding.host.filter(|host| is_token_safe(host)) {
         insert(headers, FORWARDED_HOST, host);
         forwarded.push_str(";host=");
@@ -213,6 +233,7 @@ mod tests {
         prepare_upstream_headers(
             &mut sent,
             &Forwarding {
+                scheme: Scheme::Http,
                 client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
                 forwarded_for: "127.0.0.1",
                 host: Some("api.example.com"),
@@ -259,7 +280,7 @@ mod tests {
     }
 
     #[test]
-    fn a_non_key_authorization_is_kept_when_the_key_came_in_x_api_key() {
+    fn a_non_key_authorization_is_kept_when_the_key_came_in_x_api_key_over_https() {
         let mut sent = headers(&[
             ("authorization", "Basic dXNlcg=="),
             ("x-api-key", "pg_live_key"),
@@ -268,6 +289,7 @@ mod tests {
         prepare_upstream_headers(
             &mut sent,
             &Forwarding {
+                scheme: Scheme::Https,
                 client_ip: "::1".parse().expect("ip"),
                 forwarded_for: "::1",
                 host: None,
@@ -279,6 +301,7 @@ mod tests {
 
         assert_eq!(sent["authorization"], "Basic dXNlcg==");
         assert!(!sent.contains_key("x-api-key"));
-        assert_eq!(sent["forwarded"], "for=\"[::1]\";proto=http");
+        assert_eq!(sent["forwarded"], "for=\"[::1]\";proto=https");
+        assert_eq!(sent["x-forwarded-proto"], "https");
     }
 }

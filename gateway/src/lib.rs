@@ -13,6 +13,7 @@
 //! - `connections`: head and idle deadlines per connection, the connection limit, accept back-off
 //! - `framing`: the connection guard that finds requests framed two ways
 //! - `proxy`: the decision per request and the forwarding
+//! - `tls`: the upstream clients (https, ALPN) and the optional HTTPS listener with certificate reload
 //! - `stats`: runtime statistics per customer and hour, reported to billing
 
 pub mod backends;
@@ -26,16 +27,21 @@ pub mod problem;
 pub mod proxy;
 pub mod routes;
 pub mod stats;
+pub mod tls;
 
 use std::{convert::Infallible, future::Future, sync::Arc, time::Duration};
 
 use hyper::service::service_fn;
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::{conn::auto, graceful::GracefulShutdown},
+    server::{
+        conn::auto,
+        graceful::{GracefulShutdown, Watcher},
+    },
 };
 use tokio::{
-    net::TcpListener,
+    io::{AsyncRead, AsyncWrite},
+    net::{TcpListener, TcpStream},
     sync::{OwnedSemaphorePermit, Semaphore},
 };
 use tokio_util::sync::CancellationToken;
@@ -85,7 +91,6 @@ pub fn gateway(
         file,
         cache: entitlements::EntitlementCache::new(backends.clone(), stale_for),
         backends,
-        upstream: proxy::upstream_client(),
         degraded_passes: std::sync::Mutex::new(std::collections::HashMap::new()),
         stats: stats::CustomerStats::default(),
         stats_interval,
@@ -100,8 +105,23 @@ pub async fn serve(
     gateway: Arc<Gateway>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    serve_with_tls(listener, gateway, None, shutdown).await
+}
+
+/// Serves like [`serve`], over TLS when `tls` is given: HTTPS with ALPN `h2` and `http/1.1`, the
+/// handshake counted in the head deadline (`header_read_timeout_ms`), and the certificate files checked
+/// every few seconds for a new pair (see [`tls::ServerTls::reload`]).
+pub async fn serve_with_tls(
+    listener: TcpListener,
+    gateway: Arc<Gateway>,
+    tls: Option<tls::ServerTls>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     let follower = tokio::spawn(gateway.cache.clone().follow_changes(stop.clone()));
+    let certificate_watch = tls
+        .clone()
+        .map(|tls| tokio::spawn(tls.watch(tls::CERTIFICATE_CHECK_INTERVAL, stop.clone())));
     let reporting = {
         let gateway = gateway.clone();
         let stop_reporting = CancellationToken::new();
@@ -173,41 +193,20 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let gateway = gateway.clone();
-        let builder = builder.clone();
-        let watcher = graceful.watcher();
+        let connection = Connection {
+            gateway: gateway.clone(),
+            builder: builder.clone(),
+            watcher: graceful.watcher(),
+            activity: Arc::new(connections::Activity::new(head_timeout, idle_timeout)),
+            max_head: limits.max_header_bytes.max(8192) + 1024,
+            peer,
+        };
+        let tls = tls.clone();
         tokio::spawn(async move {
             let _open = OpenConnection::new(permit);
-            let activity = Arc::new(connections::Activity::new(head_timeout, idle_timeout));
-            let service = {
-                let activity = activity.clone();
-                service_fn(move |request| {
-                    let in_progress = activity.request_started();
-                    let answer = gateway.clone().handle(request, peer);
-                    async move {
-                        let response = answer.await?;
-                        Ok::<_, Infallible>(
-                            response.map(|body| connections::TrackedBody::new(body, in_progress)),
-                        )
-                    }
-                })
-            };
-            let guarded = framing::Guarded::new(stream, limits.max_header_bytes.max(8192) + 1024)
-                .reporting_to(activity.clone());
-            let connection = builder.serve_connection_with_upgrades(TokioIo::new(guarded), service);
-            match connections::enforce_deadlines(watcher.watch(connection), &activity).await {
-                connections::Ending::Finished(Ok(())) => {}
-                connections::Ending::Finished(Err(error)) => {
-                    tracing::debug!(%error, %peer, "connection ended with an error");
-                }
-                connections::Ending::Expired(expiry) => {
-                    tracing::debug!(reason = expiry.label(), %peer, "connection closed");
-                    metrics::counter!(
-                        "paygate_gateway_connections_closed_total",
-                        "reason" => expiry.label()
-                    )
-                    .increment(1);
-                }
+            match tls {
+                None => connection.serve(stream, headers::Scheme::Http).await,
+                Some(tls) => connection.serve_tls(stream, &tls).await,
             }
         });
     }
@@ -218,10 +217,94 @@ pub async fn serve(
     }
     stop.cancel();
     let _ = follower.await;
+    if let Some(watch) = certificate_watch {
+        let _ = watch.await;
+    }
     // After the drain, so the requests that finished during it are in the last report.
     reporting.1.cancel();
     let _ = reporting.0.await;
     Ok(())
+}
+
+/// One accepted client connection and what serving it needs.
+struct Connection {
+    gateway: Arc<Gateway>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    watcher: Watcher,
+    activity: Arc<connections::Activity>,
+    /// Longest head the framing guard follows (see `framing`).
+    max_head: usize,
+    peer: std::net::SocketAddr,
+}
+
+impl Connection {
+    /// Runs the TLS handshake within the connection's head deadline, then serves it; a client that does
+    /// not finish the handshake in time is dropped like one that does not finish its head.
+    async fn serve_tls(self, stream: TcpStream, tls: &tls::ServerTls) {
+        let peer = self.peer;
+        let handshake = tls.acceptor().accept(stream);
+        let deadline = self.activity.deadline().map(|(at, _)| at);
+        let finished = match deadline {
+            Some(at) => tokio::time::timeout_at(at, handshake).await,
+            None => Ok(handshake.await),
+        };
+        match finished {
+            Ok(Ok(stream)) => self.serve(stream, headers::Scheme::Https).await,
+            Ok(Err(error)) => tracing::debug!(%error, %peer, "TLS handshake failed"),
+            Err(_) => {
+                let expiry = connections::Expiry::Head;
+                tracing::debug!(reason = expiry.label(), %peer, "connection closed during the TLS handshake");
+                metrics::counter!("paygate_gateway_connections_closed_total", "reason" => expiry.label())
+                    .increment(1);
+            }
+        }
+    }
+
+    /// Serves HTTP/1.1 or HTTP/2 on `stream` under the connection's deadlines; requests are marked with
+    /// the `scheme` the client used, which the upstream is told.
+    async fn serve<IO>(self, stream: IO, scheme: headers::Scheme)
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let Self {
+            gateway,
+            builder,
+            watcher,
+            activity,
+            max_head,
+            peer,
+        } = self;
+        let service = {
+            let activity = activity.clone();
+            service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+                request.extensions_mut().insert(scheme);
+                let in_progress = activity.request_started();
+                let answer = gateway.clone().handle(request, peer);
+                async move {
+                    let response = answer.await?;
+                    Ok::<_, Infallible>(
+                        response.map(|body| connections::TrackedBody::new(body, in_progress)),
+                    )
+                }
+            })
+        };
+        let guarded = framing::Guarded::new(stream, max_head).reporting_to(activity.clone());
+        let connection = builder.serve_connection_with_upgrades(TokioIo::new(guarded), service);
+        match connections::enforce_deadlines(watcher.watch(connection), &activity).await {
+            connections::Ending::Finished(Ok(())) => {}
+            connections::Ending::Finished(Err(error)) => {
+                tracing::debug!(%error, %peer, "connection ended with an error");
+            }
+            connections::Ending::Expired(expiry) => {
+                tracing::debug!(reason = expiry.label(), %peer, "connection closed");
+                metrics::counter!(
+                    "paygate_gateway_connections_closed_total",
+                    "reason" => expiry.label()
+                )
+                .increment(1);
+            }
+        }
+    }
 }
 
 /// Returns the HTTP/1.1 and HTTP/2 server settings for `limits`.

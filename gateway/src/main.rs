@@ -35,6 +35,7 @@ async fn main() -> ExitCode {
 
 async fn run(config: gateway::Config) -> anyhow::Result<()> {
     let token = config.service_token()?;
+    let tls = config.server_tls()?;
     let text = std::fs::read_to_string(&config.routes_file).with_context(|| {
         format!(
             "failed to read GATEWAY_CONFIG `{}`",
@@ -65,10 +66,11 @@ async fn run(config: gateway::Config) -> anyhow::Result<()> {
     let listener = TcpListener::bind(config.listen_addr)
         .await
         .with_context(|| format!("failed to listen on {}", config.listen_addr))?;
-    tracing::info!(addr = %config.listen_addr, routes = table.routes().len(), "gateway listening");
-    gateway::serve(
+    tracing::info!(addr = %config.listen_addr, routes = table.routes().len(), https = tls.is_some(), "gateway listening");
+    gateway::serve_with_tls(
         listener,
         gateway::gateway(file, table, backends, config.stats_interval()),
+        tls,
         shutdown_signal(),
     )
     .await

@@ -23,11 +23,14 @@ pub enum Code {
     UpstreamUnavailable,
     UpstreamTimeout,
     BillingUnavailable,
+    /// TLS to an `https://` upstream failed: its certificate was not trusted (`ca_file` or the system
+    /// roots), named another host, or the handshake broke.
+    UpstreamTls,
 }
 
 impl Code {
     /// Every code, in the order of DESIGN §3.
-    pub const ALL: [Self; 17] = [
+    pub const ALL: [Self; 18] = [
         Self::BadRequest,
         Self::MissingApiKey,
         Self::InvalidApiKey,
@@ -45,6 +48,7 @@ impl Code {
         Self::UpstreamUnavailable,
         Self::UpstreamTimeout,
         Self::BillingUnavailable,
+        Self::UpstreamTls,
     ];
 
     /// Returns the machine-readable code, as in the `code` member.
@@ -67,6 +71,7 @@ impl Code {
             Self::UpstreamUnavailable => "upstream_unavailable",
             Self::UpstreamTimeout => "upstream_timeout",
             Self::BillingUnavailable => "billing_unavailable",
+            Self::UpstreamTls => "upstream_tls",
         }
     }
 
@@ -98,7 +103,7 @@ impl Code {
             Self::RateLimited => 429,
             Self::HeadersTooLarge => 431,
             Self::UnsupportedTransferCoding => 501,
-            Self::UpstreamUnavailable => 502,
+            Self::UpstreamUnavailable | Self::UpstreamTls => 502,
             Self::BillingUnavailable => 503,
             Self::UpstreamTimeout => 504,
         }
@@ -124,6 +129,7 @@ impl Code {
             Self::UpstreamUnavailable => "Upstream unavailable",
             Self::UpstreamTimeout => "Upstream timed out",
             Self::BillingUnavailable => "Temporarily unable to check your plan",
+            Self::UpstreamTls => "Upstream certificate not trusted",
         }
     }
 
@@ -185,6 +191,11 @@ impl Code {
             Self::BillingUnavailable => {
                 "The gateway cannot check your plan right now. Nothing was charged; retry after the number \
                  of seconds in `Retry-After`."
+            }
+            Self::UpstreamTls => {
+                "The API behind this gateway could not be reached securely: its TLS certificate was not \
+                 trusted or not issued for its name, or the TLS handshake failed. Nothing was charged. \
+                 The API's operator has to fix this; retrying will not help until then."
             }
         }
     }
@@ -343,6 +354,7 @@ mod tests {
                 "credits_exhausted"
             ]
         );
+        assert_eq!(by_status(502), ["upstream_unavailable", "upstream_tls"]);
         assert_eq!(by_status(503), ["billing_unavailable"]);
     }
 

@@ -12,7 +12,6 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use sha2::{Digest, Sha256};
 use tracing::Instrument;
 use uuid::Uuid;
@@ -47,24 +46,12 @@ pub struct Gateway {
     pub file: RoutesFile,
     pub backends: Backends,
     pub cache: EntitlementCache,
-    pub upstream: Client<HttpConnector, Body>,
     /// Units passed per (key digest, route prefix) while degraded, for `failure_mode = "open"` budgets.
     pub degraded_passes: Mutex<HashMap<([u8; 32], String), u32>>,
     /// Per-customer counts not yet reported to billing.
     pub stats: CustomerStats,
     /// How often they are reported.
     pub stats_interval: std::time::Duration,
-}
-
-/// Returns a client for upstreams: pooled keep-alive connections, no body buffering.
-pub fn upstream_client() -> Client<HttpConnector, Body> {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(std::time::Duration::from_secs(5)));
-    Client::builder(hyper_util::rt::TokioExecutor::new())
-        .pool_idle_timeout(std::time::Duration::from_secs(60))
-        .pool_max_idle_per_host(256)
-        .build(connector)
 }
 
 fn full(bytes: impl Into<Bytes>) -> Body {
@@ -388,6 +375,7 @@ impl Gateway {
                 answer.status().is_server_error()
             }
             Forwarded::Unreachable
+            | Forwarded::UntrustedUpstream
             | Forwarded::TimedOut
             | Forwarded::TooLarge
             | Forwarded::BadClientBody => true,
@@ -567,12 +555,24 @@ impl Gateway {
             &self.file.trusted_proxies,
         );
         OwnedForwarding {
+            scheme: request
+                .extensions()
+                .get::<headers::Scheme>()
+                .copied()
+                .unwrap_or(headers::Scheme::Http),
             client_ip: address.client,
             forwarded_for: address.forwarded_for,
+            // HTTP/2 clients name the host in `:authority`, which hyper keeps in the URI.
             host: request
                 .headers()
                 .get(header::HOST)
                 .and_then(|host| host.to_str().ok())
+                .or_else(|| {
+                    request
+                        .uri()
+                        .authority()
+                        .map(|authority| authority.as_str())
+                })
                 .map(str::to_owned),
             customer_id: entitlement.customer_id.clone(),
             plan_code: entitlement.plan_code.clone(),
@@ -585,6 +585,7 @@ impl Gateway {
         let code = match failed {
             Forwarded::Answer(answer) => return answer,
             Forwarded::Unreachable => Code::UpstreamUnavailable,
+            Forwarded::UntrustedUpstream => Code::UpstreamTls,
             Forwarded::TimedOut => Code::UpstreamTimeout,
             Forwarded::TooLarge => Code::PayloadTooLarge,
             Forwarded::BadClientBody => {
@@ -628,9 +629,16 @@ impl Gateway {
         };
         parts.uri = uri;
         parts.version = http::Version::HTTP_11;
+        if route.upstream_tls {
+            // The client named the gateway; an HTTPS upstream is reached by its own name (SNI and the
+            // certificate), and virtual hosts behind it route by Host. The client's Host goes on in
+            // X-Forwarded-Host; the client fills Host (HTTP/1.1) or :authority (HTTP/2) from the URL.
+            parts.headers.remove(header::HOST);
+        }
         headers::prepare_upstream_headers(
             &mut parts.headers,
             &Forwarding {
+                scheme: forwarding.scheme,
                 client_ip: forwarding.client_ip,
                 forwarded_for: &forwarding.forwarded_for,
                 host: forwarding.host.as_deref(),
@@ -648,7 +656,7 @@ impl Gateway {
         // (or a client that went away mid-body) is the client's fault, not an upstream outage.
         let body = http_body_util::Limited::new(body.map_err(ClientBodyError), limit).boxed();
         let outgoing = Request::from_parts(parts, body);
-        match tokio::time::timeout(route.timeout, self.upstream.request(outgoing)).await {
+        match tokio::time::timeout(route.timeout, route.client.request(outgoing)).await {
             Err(_) => Forwarded::TimedOut,
             Ok(Err(error)) if caused_by::<http_body_util::LengthLimitError>(&error) => {
                 Forwarded::TooLarge
@@ -656,6 +664,14 @@ impl Gateway {
             Ok(Err(error)) if caused_by::<ClientBodyError>(&error) => {
                 tracing::debug!(%error, route = %route.prefix, "client body broke off or broke its framing");
                 Forwarded::BadClientBody
+            }
+            Ok(Err(error)) if crate::tls::tls_failure(&error).is_some() => {
+                if let Some(suppressed) = UPSTREAM_TLS_FAILED.event()
+                    && let Some(tls) = crate::tls::tls_failure(&error)
+                {
+                    tracing::warn!(error = %tls, route = %route.prefix, upstream = %route.upstream_origin, suppressed, "upstream TLS failed (its certificate or the handshake)");
+                }
+                Forwarded::UntrustedUpstream
             }
             Ok(Err(error)) => {
                 if let Some(suppressed) = UPSTREAM_FAILED.event() {
@@ -678,6 +694,9 @@ impl Gateway {
 enum Forwarded {
     Answer(Response<Body>),
     Unreachable,
+    /// TLS to the upstream failed: its certificate was not trusted or not for its name, or the handshake
+    /// broke.
+    UntrustedUpstream,
     TimedOut,
     /// A body without a declared length grew past the limit while it was being forwarded.
     TooLarge,
@@ -732,10 +751,13 @@ impl Drop for ChargeGuard<'_> {
 
 static USAGE_FAILED: telemetry::LogLimit = telemetry::LogLimit::new(telemetry::REPEAT_INTERVAL);
 static UPSTREAM_FAILED: telemetry::LogLimit = telemetry::LogLimit::new(telemetry::REPEAT_INTERVAL);
+static UPSTREAM_TLS_FAILED: telemetry::LogLimit =
+    telemetry::LogLimit::new(telemetry::REPEAT_INTERVAL);
 static DEGRADED_PASS: telemetry::LogLimit = telemetry::LogLimit::new(telemetry::REPEAT_INTERVAL);
 
 /// `Forwarding` with owned strings, so it can outlive the request it was read from.
 struct OwnedForwarding {
+    scheme: headers::Scheme,
     client_ip: std::net::IpAddr,
     forwarded_for: String,
     host: Option<String>,

@@ -3,6 +3,7 @@
 
 use std::{
     num::{NonZeroU32, NonZeroU64, NonZeroUsize},
+    path::PathBuf,
     time::Duration,
 };
 
@@ -104,8 +105,13 @@ pub enum FailureMode {
 pub struct RouteSpec {
     /// Path prefix, matched on whole segments (`/v1` matches `/v1` and `/v1/x`, not `/v10`).
     pub prefix: String,
-    /// Upstream base URL, `http://host:port` with an optional path the request path is appended to.
+    /// Upstream base URL, `http://host:port` or `https://host:port`, with an optional path the request
+    /// path is appended to.
     pub upstream: String,
+    /// PEM file of the CA certificate(s) an `https://` upstream's certificate is verified against, instead
+    /// of the system roots; relative to the gateway's working directory.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
     /// Units one request costs (default 1).
     #[serde(default = "default_price")]
     pub price: i64,
@@ -131,13 +137,18 @@ fn default_timeout_ms() -> u64 {
 }
 
 /// A checked route.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Route {
     pub prefix: String,
     /// The prefix as a metric label, shared so that labelling a request does not allocate.
     pub label: std::sync::Arc<str>,
-    /// Scheme and authority of the upstream (`http://127.0.0.1:9000`).
+    /// Scheme and authority of the upstream (`http://127.0.0.1:9000`, `https://api.example.com`).
     pub upstream_origin: String,
+    /// Whether the upstream is `https://`.
+    pub upstream_tls: bool,
+    /// The client that forwards to the upstream, built with the file (shared by routes that trust the
+    /// same CAs), so a route table read again carries the clients of its own file.
+    pub client: crate::tls::UpstreamClient,
     /// Path the request path is appended to (empty or `/base`, never ending in `/`).
     pub upstream_base_path: String,
     pub price: i64,
@@ -176,8 +187,9 @@ impl RouteTable {
             return Err(RoutesError::Empty);
         }
         let mut routes = Vec::with_capacity(specs.len());
+        let mut clients = crate::tls::UpstreamClients::default();
         for spec in specs {
-            let route = check_route(spec).map_err(|problem| RoutesError::Route {
+            let route = check_route(spec, &mut clients).map_err(|problem| RoutesError::Route {
                 prefix: spec.prefix.clone(),
                 problem,
             })?;
@@ -215,7 +227,10 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
         || (path.starts_with(prefix) && path.as_bytes().get(prefix.len()) == Some(&b'/'))
 }
 
-fn check_route(spec: &RouteSpec) -> Result<Route, String> {
+fn check_route(
+    spec: &RouteSpec,
+    clients: &mut crate::tls::UpstreamClients,
+) -> Result<Route, String> {
     let prefix = spec.prefix.trim_end_matches('/');
     let prefix = if prefix.is_empty() { "/" } else { prefix };
     if !prefix.starts_with('/') || prefix.contains(['?', '#', ' ']) {
@@ -225,11 +240,13 @@ fn check_route(spec: &RouteSpec) -> Result<Route, String> {
         .upstream
         .parse()
         .map_err(|_| format!("`upstream` `{}` is not a URL", spec.upstream))?;
-    if uri.scheme_str() != Some("http") {
-        return Err(
-            "`upstream` must be an http:// URL (terminate TLS to upstreams in front of them)"
-                .to_owned(),
-        );
+    let scheme = match uri.scheme_str() {
+        Some("http") => "http",
+        Some("https") => "https",
+        _ => return Err("`upstream` must be an http:// or https:// URL".to_owned()),
+    };
+    if scheme == "http" && spec.ca_file.is_some() {
+        return Err("`ca_file` applies only to an https:// `upstream`".to_owned());
     }
     let authority = uri
         .authority()
@@ -246,10 +263,13 @@ fn check_route(spec: &RouteSpec) -> Result<Route, String> {
     if spec.timeout_ms == 0 {
         return Err("`timeout_ms` must be positive".to_owned());
     }
+    let client = clients.client(scheme == "https", spec.ca_file.as_deref())?;
     Ok(Route {
         prefix: prefix.to_owned(),
         label: prefix.into(),
-        upstream_origin: format!("http://{authority}"),
+        upstream_origin: format!("{scheme}://{authority}"),
+        upstream_tls: scheme == "https",
+        client,
         upstream_base_path: uri.path().trim_end_matches('/').to_owned(),
         price: spec.price,
         feature: spec.feature.clone(),
@@ -318,7 +338,11 @@ mod tests {
         };
 
         assert!(refuse("prefix = \"v1\"\nupstream = \"http://a:1\"").contains("starting with `/`"));
-        assert!(refuse("prefix = \"/a\"\nupstream = \"https://a:1\"").contains("http://"));
+        assert!(refuse("prefix = \"/a\"\nupstream = \"ftp://a:1\"").contains("https://"));
+        assert!(
+            refuse("prefix = \"/a\"\nupstream = \"http://a:1\"\nca_file = \"ca.pem\"")
+                .contains("only to an https://")
+        );
         assert!(refuse("prefix = \"/a\"\nupstream = \"http://a:1\"\nprice = 0").contains("price"));
         assert!(
             refuse("prefix = \"/a\"\nupstream = \"http://a:1\"\nfailure_mode = \"open\"")
@@ -329,6 +353,31 @@ mod tests {
                 .contains("colour")
         );
         assert!(parse_routes_file("routes = []").is_err());
+    }
+
+    #[test]
+    fn a_ca_file_that_is_missing_or_holds_no_certificate_is_refused_naming_route_and_file() {
+        let empty =
+            std::env::temp_dir().join(format!("paygate-no-ca-{}.pem", uuid::Uuid::new_v4()));
+        std::fs::write(&empty, "not a certificate\n").expect("write the file");
+        let missing = empty.with_extension("missing");
+        let refuse = |file: &std::path::Path| {
+            parse_routes_file(&format!(
+                "[[routes]]\nprefix = \"/llm\"\nupstream = \"https://a:1\"\nca_file = \"{}\"",
+                file.display()
+            ))
+            .expect_err("must be refused")
+            .to_string()
+        };
+
+        let (for_missing, for_empty) = (refuse(&missing), refuse(&empty));
+        let _ = std::fs::remove_file(&empty);
+
+        for (refusal, file) in [(&for_missing, &missing), (&for_empty, &empty)] {
+            assert!(refusal.contains("route `/llm`"), "{refusal}");
+            assert!(refusal.contains(&file.display().to_string()), "{refusal}");
+        }
+        assert!(for_empty.contains("no PEM certificate"), "{for_empty}");
     }
 
     #[test]
