@@ -19,11 +19,24 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config = billing::Config::parse();
+    let config = match billing::Config::try_parse() {
+        Ok(config) => config,
+        Err(error) if !error.use_stderr() => {
+            let _ = error.print(); // --help and --version
+            return ExitCode::SUCCESS;
+        }
+        Err(error) => {
+            eprintln!(
+                "billing: {}",
+                telemetry::one_line_usage_error(&error.to_string())
+            );
+            return ExitCode::FAILURE;
+        }
+    };
     let telemetry = match telemetry::init("billing") {
         Ok(telemetry) => telemetry,
         Err(error) => {
-            eprintln!("billing: {error:#}");
+            eprintln!("billing: {}", telemetry::one_line(&error));
             return ExitCode::FAILURE;
         }
     };
@@ -33,7 +46,7 @@ async fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             // One line, so the cause is readable in any log collector.
-            eprintln!("billing: {error:#}");
+            eprintln!("billing: {}", telemetry::one_line(&error));
             ExitCode::FAILURE
         }
     }
@@ -41,29 +54,41 @@ async fn main() -> ExitCode {
 
 async fn run(config: billing::Config) -> anyhow::Result<()> {
     let secrets = config.secrets()?;
-    let options: PgConnectOptions = secrets
-        .database_url
-        .parse()
-        .context("DATABASE_URL is not a valid PostgreSQL connection string")?;
+    let options = connect_options(&secrets)?;
+    tracing::info!(
+        host = options.get_host(),
+        port = options.get_port(),
+        "connecting to PostgreSQL (DATABASE_URL)"
+    );
     // One direct attempt first: a pool reports only "timed out", this reports why (refused, bad password).
     let probe = tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(&options))
         .await
-        .context("failed to connect to postgres: timed out")?
-        .context("failed to connect to postgres")?;
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "failed to connect to PostgreSQL (DATABASE_URL): no answer within {} s",
+                CONNECT_TIMEOUT.as_secs()
+            )
+        })?
+        .context("failed to connect to PostgreSQL (DATABASE_URL)")?;
     probe.close().await.ok();
     let db = PgPoolOptions::new()
         .max_connections(config.db_max_connections)
         .acquire_timeout(billing::DB_ACQUIRE_TIMEOUT)
         .connect_with(options)
         .await
-        .context("failed to connect to postgres")?;
+        .context("failed to connect to PostgreSQL (DATABASE_URL)")?;
     billing::MIGRATOR
         .run(&db)
         .await
         .context("failed to run migrations")?;
     let metrics = TcpListener::bind(config.metrics_addr)
         .await
-        .with_context(|| format!("failed to listen on {} for metrics", config.metrics_addr))?;
+        .with_context(|| {
+            format!(
+                "failed to listen on BILLING_METRICS_ADDR {}",
+                config.metrics_addr
+            )
+        })?;
     tokio::spawn(telemetry::serve_metrics(
         metrics,
         telemetry::metrics(),
@@ -71,7 +96,12 @@ async fn run(config: billing::Config) -> anyhow::Result<()> {
     ));
     let listener = TcpListener::bind(config.listen_addr)
         .await
-        .with_context(|| format!("failed to listen on {}", config.listen_addr))?;
+        .with_context(|| {
+            format!(
+                "failed to listen on BILLING_LISTEN_ADDR {}",
+                config.listen_addr
+            )
+        })?;
     tracing::info!(addr = %config.listen_addr, "billing listening");
     billing::serve(
         listener,
@@ -81,6 +111,19 @@ async fn run(config: billing::Config) -> anyhow::Result<()> {
         shutdown_signal(),
     )
     .await
+}
+
+/// Returns the connection options of DATABASE_URL, with DATABASE_PASSWORD in place of its password when
+/// set (so the password needs no URL escaping).
+fn connect_options(secrets: &billing::config::Secrets) -> anyhow::Result<PgConnectOptions> {
+    let options: PgConnectOptions = secrets
+        .database_url
+        .parse()
+        .context("DATABASE_URL is not a valid PostgreSQL connection string")?;
+    Ok(match &secrets.database_password {
+        Some(password) => options.password(password),
+        None => options,
+    })
 }
 
 /// Completes on SIGINT or SIGTERM, logging which arrived.

@@ -14,11 +14,24 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config = usage::Config::parse();
+    let config = match usage::Config::try_parse() {
+        Ok(config) => config,
+        Err(error) if !error.use_stderr() => {
+            let _ = error.print(); // --help and --version
+            return ExitCode::SUCCESS;
+        }
+        Err(error) => {
+            eprintln!(
+                "usage: {}",
+                telemetry::one_line_usage_error(&error.to_string())
+            );
+            return ExitCode::FAILURE;
+        }
+    };
     let telemetry = match telemetry::init("usage") {
         Ok(telemetry) => telemetry,
         Err(error) => {
-            eprintln!("usage: {error:#}");
+            eprintln!("usage: {}", telemetry::one_line(&error));
             return ExitCode::FAILURE;
         }
     };
@@ -28,7 +41,7 @@ async fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             // One line, so the cause is readable in any log collector.
-            eprintln!("usage: {error:#}");
+            eprintln!("usage: {}", telemetry::one_line(&error));
             ExitCode::FAILURE
         }
     }
@@ -36,7 +49,11 @@ async fn main() -> ExitCode {
 
 async fn run(config: usage::Config) -> anyhow::Result<()> {
     let secrets = config.secrets()?;
-    let redis = usage::connect_redis(&secrets.redis_url).await?;
+    // A Redis still loading its data is waited for (up to minutes): say so before any wait.
+    tracing::info!("connecting to Redis (REDIS_URL)");
+    let redis = usage::connect_redis(&secrets.redis_url)
+        .await
+        .context("REDIS_URL")?;
     let probe = usage::RedisProbe::new(&secrets.redis_url, redis.clone())?;
     let counters = usage::Counters::new(redis, usage::Keys::new(config.key_prefix.clone()))
         .await
@@ -45,7 +62,12 @@ async fn run(config: usage::Config) -> anyhow::Result<()> {
     let billing = usage::billing_client(&config.billing_url, &secrets.service_token)?;
     let metrics = TcpListener::bind(config.metrics_addr)
         .await
-        .with_context(|| format!("failed to listen on {} for metrics", config.metrics_addr))?;
+        .with_context(|| {
+            format!(
+                "failed to listen on USAGE_METRICS_ADDR {}",
+                config.metrics_addr
+            )
+        })?;
     tokio::spawn(telemetry::serve_metrics(
         metrics,
         telemetry::metrics(),
@@ -53,7 +75,12 @@ async fn run(config: usage::Config) -> anyhow::Result<()> {
     ));
     let listener = TcpListener::bind(config.listen_addr)
         .await
-        .with_context(|| format!("failed to listen on {}", config.listen_addr))?;
+        .with_context(|| {
+            format!(
+                "failed to listen on USAGE_LISTEN_ADDR {}",
+                config.listen_addr
+            )
+        })?;
     tracing::info!(addr = %config.listen_addr, "usage listening");
     let settings = usage::Settings {
         service_token: secrets.service_token,
