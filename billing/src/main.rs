@@ -14,11 +14,24 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config = billing::Config::parse();
+    let config = match billing::Config::try_parse() {
+        Ok(config) => config,
+        Err(error) if !error.use_stderr() => {
+            let _ = error.print(); // --help and --version
+            return ExitCode::SUCCESS;
+        }
+        Err(error) => {
+            eprintln!(
+                "billing: {}",
+                telemetry::one_line_usage_error(&error.to_string())
+            );
+            return ExitCode::FAILURE;
+        }
+    };
     let telemetry = match telemetry::init("billing") {
         Ok(telemetry) => telemetry,
         Err(error) => {
-            eprintln!("billing: {error:#}");
+            eprintln!("billing: {}", telemetry::one_line(&error));
             return ExitCode::FAILURE;
         }
     };
@@ -28,7 +41,7 @@ async fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             // One line, so the cause is readable in any log collector.
-            eprintln!("billing: {error:#}");
+            eprintln!("billing: {}", telemetry::one_line(&error));
             ExitCode::FAILURE
         }
     }
@@ -37,18 +50,27 @@ async fn main() -> ExitCode {
 async fn run(config: billing::Config) -> anyhow::Result<()> {
     let secrets = config.secrets()?;
     let grpc_tls = config.grpc_tls()?;
-    let options: PgConnectOptions = secrets
-        .database_url
-        .parse()
-        .context("DATABASE_URL is not a valid PostgreSQL connection string")?;
-    let db = billing::connect_database(options, config.db_max_connections).await?;
+    let options = connect_options(&secrets)?;
+    tracing::info!(
+        host = options.get_host(),
+        port = options.get_port(),
+        "connecting to PostgreSQL (DATABASE_URL)"
+    );
+    let db = billing::connect_database(options, config.db_max_connections)
+        .await
+        .context("DATABASE_URL")?;
     billing::MIGRATOR
         .run(&db)
         .await
         .context("failed to run migrations")?;
     let metrics = TcpListener::bind(config.metrics_addr)
         .await
-        .with_context(|| format!("failed to listen on {} for metrics", config.metrics_addr))?;
+        .with_context(|| {
+            format!(
+                "failed to listen on BILLING_METRICS_ADDR {}",
+                config.metrics_addr
+            )
+        })?;
     tokio::spawn(telemetry::serve_metrics(
         metrics,
         telemetry::metrics(),
@@ -56,7 +78,12 @@ async fn run(config: billing::Config) -> anyhow::Result<()> {
     ));
     let listener = TcpListener::bind(config.listen_addr)
         .await
-        .with_context(|| format!("failed to listen on {}", config.listen_addr))?;
+        .with_context(|| {
+            format!(
+                "failed to listen on BILLING_LISTEN_ADDR {}",
+                config.listen_addr
+            )
+        })?;
     let listener = proto::tls::GrpcListener::new(listener, grpc_tls);
     tracing::info!(addr = %config.listen_addr, "billing listening");
     billing::serve(
@@ -67,6 +94,19 @@ async fn run(config: billing::Config) -> anyhow::Result<()> {
         shutdown_signal(),
     )
     .await
+}
+
+/// Returns the connection options of DATABASE_URL, with DATABASE_PASSWORD in place of its password when
+/// set (so the password needs no URL escaping).
+fn connect_options(secrets: &billing::config::Secrets) -> anyhow::Result<PgConnectOptions> {
+    let options: PgConnectOptions = secrets
+        .database_url
+        .parse()
+        .context("DATABASE_URL is not a valid PostgreSQL connection string")?;
+    Ok(match &secrets.database_password {
+        Some(password) => options.password(password),
+        None => options,
+    })
 }
 
 /// Completes on SIGINT or SIGTERM, logging which arrived.

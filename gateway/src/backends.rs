@@ -309,6 +309,21 @@ impl Backends {
         self.billing.clone()
     }
 
+    /// Returns the usage client (for readiness checks, which set their own deadline).
+    pub fn usage(&self) -> UsageApiClient {
+        self.usage.clone()
+    }
+
+    /// Tells whether billing's circuit breaker is open.
+    pub fn billing_breaker_open(&self) -> bool {
+        self.billing_breaker.is_open()
+    }
+
+    /// Tells whether usage's circuit breaker is open.
+    pub fn usage_breaker_open(&self) -> bool {
+        self.usage_breaker.is_open()
+    }
+
     /// Resolves a key digest: `Ok(None)` when billing does not know it (or it is revoked or expired).
     pub async fn resolve(
         &self,

@@ -1,6 +1,10 @@
 //! The gateway's settings, from flags or the environment (DESIGN §9); routes come from `GATEWAY_CONFIG`.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::{Context, bail};
 
@@ -10,49 +14,103 @@ use anyhow::{Context, bail};
 #[command(
     name = "gateway",
     about = "paygate gateway: forwards paid requests, answers 401/402/403/429/503 otherwise",
-    after_help = "Logging: RUST_LOG sets the log filter (default `info`).\nTracing: OTEL_EXPORTER_OTLP_ENDPOINT turns on OTLP trace export (gRPC), off when unset."
+    after_help = "Logging: RUST_LOG sets the log filter (default `info`); LOG_FORMAT is `text` (default) or `json`.\nTracing: OTEL_EXPORTER_OTLP_ENDPOINT turns on OTLP trace export (gRPC), off when unset."
 )]
 pub struct Config {
     /// Address the HTTP server listens on.
-    #[arg(long, env = "GATEWAY_LISTEN_ADDR", default_value = "0.0.0.0:8080")]
+    #[arg(
+        long,
+        env = "GATEWAY_LISTEN_ADDR",
+        value_name = "GATEWAY_LISTEN_ADDR",
+        default_value = "0.0.0.0:8080"
+    )]
     pub listen_addr: SocketAddr,
     /// Address Prometheus scrapes `/metrics` on.
-    #[arg(long, env = "GATEWAY_METRICS_ADDR", default_value = "0.0.0.0:9100")]
+    #[arg(
+        long,
+        env = "GATEWAY_METRICS_ADDR",
+        value_name = "GATEWAY_METRICS_ADDR",
+        default_value = "0.0.0.0:9100"
+    )]
     pub metrics_addr: SocketAddr,
-    /// The routes file (TOML): prefixes, upstreams, prices, failure modes, limits.
-    #[arg(long, env = "GATEWAY_CONFIG")]
-    pub routes_file: PathBuf,
+    /// The routes file (TOML): prefixes, upstreams, prices, failure modes, limits (required). SIGHUP
+    /// reloads its routes.
+    // Optional here so that its absence is one line naming GATEWAY_CONFIG (see `routes_path`), not clap's
+    // usage block.
+    #[arg(long, env = "GATEWAY_CONFIG", value_name = "GATEWAY_CONFIG")]
+    pub routes_file: Option<PathBuf>,
     /// Where billing's gRPC API is.
-    #[arg(long, env = "BILLING_URL", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        env = "BILLING_URL",
+        value_name = "BILLING_URL",
+        default_value = "http://127.0.0.1:50051"
+    )]
     pub billing_url: String,
     /// Where usage's gRPC API is.
-    #[arg(long, env = "USAGE_URL", default_value = "http://127.0.0.1:50052")]
+    #[arg(
+        long,
+        env = "USAGE_URL",
+        value_name = "USAGE_URL",
+        default_value = "http://127.0.0.1:50052"
+    )]
     pub usage_url: String,
     /// Bearer token sent to billing and usage (required, or PAYGATE_SERVICE_TOKEN_FILE).
-    #[arg(long, env = "PAYGATE_SERVICE_TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "PAYGATE_SERVICE_TOKEN",
+        value_name = "PAYGATE_SERVICE_TOKEN",
+        hide_env_values = true
+    )]
     pub service_token: Option<String>,
     /// File holding the service token.
-    #[arg(long, env = "PAYGATE_SERVICE_TOKEN_FILE")]
+    #[arg(
+        long,
+        env = "PAYGATE_SERVICE_TOKEN_FILE",
+        value_name = "PAYGATE_SERVICE_TOKEN_FILE"
+    )]
     pub service_token_file: Option<PathBuf>,
     /// Deadline of each call to billing or usage on the request path, in milliseconds.
-    #[arg(long, env = "GATEWAY_BACKEND_DEADLINE_MS", default_value_t = 250)]
+    #[arg(
+        long,
+        env = "GATEWAY_BACKEND_DEADLINE_MS",
+        value_name = "GATEWAY_BACKEND_DEADLINE_MS",
+        default_value_t = 250
+    )]
     pub backend_deadline_ms: u64,
     /// How often per-customer statistics are reported to billing, in milliseconds.
-    #[arg(long, env = "GATEWAY_STATS_INTERVAL_MS", default_value_t = 10_000)]
+    #[arg(
+        long,
+        env = "GATEWAY_STATS_INTERVAL_MS",
+        value_name = "GATEWAY_STATS_INTERVAL_MS",
+        default_value_t = 10_000
+    )]
     pub stats_interval_ms: u64,
     /// PEM certificate chain (leaf first) to serve HTTPS with, h2 and HTTP/1.1 by ALPN; with
     /// GATEWAY_TLS_KEY_FILE. Both files are checked every few seconds and a new pair is used without a
     /// restart. Unset: plain HTTP.
-    #[arg(long, env = "GATEWAY_TLS_CERT_FILE")]
+    #[arg(
+        long,
+        env = "GATEWAY_TLS_CERT_FILE",
+        value_name = "GATEWAY_TLS_CERT_FILE"
+    )]
     pub tls_cert_file: Option<PathBuf>,
     /// PEM private key of GATEWAY_TLS_CERT_FILE.
-    #[arg(long, env = "GATEWAY_TLS_KEY_FILE")]
+    #[arg(
+        long,
+        env = "GATEWAY_TLS_KEY_FILE",
+        value_name = "GATEWAY_TLS_KEY_FILE"
+    )]
     pub tls_key_file: Option<PathBuf>,
 
     // TLS to billing and usage (DESIGN §9).
     /// CA certificate(s) (PEM) billing's and usage's certificates are verified with when BILLING_URL or
     /// USAGE_URL is https:// (default: the system roots).
-    #[arg(long, env = "PAYGATE_GRPC_CA_FILE")]
+    #[arg(
+        long,
+        env = "PAYGATE_GRPC_CA_FILE",
+        value_name = "PAYGATE_GRPC_CA_FILE"
+    )]
     pub grpc_ca_file: Option<PathBuf>,
 }
 
@@ -83,9 +141,7 @@ impl Config {
                 bail!("PAYGATE_SERVICE_TOKEN is required (or PAYGATE_SERVICE_TOKEN_FILE)")
             }
         };
-        if token.is_empty() {
-            bail!("PAYGATE_SERVICE_TOKEN is empty");
-        }
+        check_token("PAYGATE_SERVICE_TOKEN", &token)?;
         Ok(token)
     }
 
@@ -110,6 +166,13 @@ impl Config {
         }
     }
 
+    /// Returns the path of the routes file; fails, naming `GATEWAY_CONFIG`, when none is given.
+    pub fn routes_path(&self) -> anyhow::Result<&Path> {
+        self.routes_file
+            .as_deref()
+            .context("GATEWAY_CONFIG is required (or --routes-file): the routes file (TOML)")
+    }
+
     /// Returns how often customer statistics are reported.
     pub fn stats_interval(&self) -> Duration {
         Duration::from_millis(self.stats_interval_ms.max(100))
@@ -118,5 +181,47 @@ impl Config {
     /// Returns the backend deadline.
     pub fn backend_deadline(&self) -> Duration {
         Duration::from_millis(self.backend_deadline_ms.max(1))
+    }
+}
+
+/// Tokens shorter than this are refused at start (DESIGN §9).
+const MIN_TOKEN_CHARS: usize = 16;
+/// Values starting with this are `.env.example`'s placeholders, publicly known, and refused at start.
+const PLACEHOLDER_PREFIX: &str = "change-me";
+
+/// Refuses a token left at a placeholder or shorter than `MIN_TOKEN_CHARS`; the error names `name`.
+fn check_token(name: &str, token: &str) -> anyhow::Result<()> {
+    if token.starts_with(PLACEHOLDER_PREFIX) {
+        bail!("{name} is a placeholder (starts with `{PLACEHOLDER_PREFIX}`): set a random value");
+    }
+    if token.chars().count() < MIN_TOKEN_CHARS {
+        bail!("{name} must be at least {MIN_TOKEN_CHARS} characters");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_and_placeholder_tokens_are_refused_by_name() {
+        let short = check_token("PAYGATE_SERVICE_TOKEN", "short").expect_err("short");
+        let placeholder = check_token(
+            "PAYGATE_SERVICE_TOKEN",
+            "change-me-service-token-0123456789",
+        )
+        .expect_err("placeholder");
+
+        assert_eq!(
+            short.to_string(),
+            "PAYGATE_SERVICE_TOKEN must be at least 16 characters"
+        );
+        assert!(
+            placeholder
+                .to_string()
+                .starts_with("PAYGATE_SERVICE_TOKEN is a placeholder")
+        );
+        assert!(check_token("PAYGATE_SERVICE_TOKEN", "a-random-token-of-some-length").is_ok());
     }
 }

@@ -13,6 +13,7 @@
 //! - `connections`: head and idle deadlines per connection, the connection limit, accept back-off
 //! - `framing`: the connection guard that finds requests framed two ways
 //! - `proxy`: the decision per request and the forwarding
+//! - `readiness`: the background check behind `/_paygate/ready`
 //! - `tls`: the upstream clients (https, ALPN) and the optional HTTPS listener with certificate reload
 //! - `stats`: runtime statistics per customer and hour, reported to billing
 
@@ -25,11 +26,20 @@ pub mod framing;
 pub mod headers;
 pub mod problem;
 pub mod proxy;
+pub mod readiness;
 pub mod routes;
 pub mod stats;
 pub mod tls;
 
-use std::{convert::Infallible, future::Future, sync::Arc, time::Duration};
+use std::{
+    convert::Infallible,
+    future::Future,
+    path::Path,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use anyhow::Context;
 
 use hyper::service::service_fn;
 use hyper_util::{
@@ -70,9 +80,9 @@ pub fn gateway(
     stats_interval: Duration,
 ) -> Arc<Gateway> {
     // Every series exists from the start, so Prometheus' rate() sees the first event as an increase.
-    for route in table.prefixes() {
-        metrics::counter!("paygate_gateway_degraded_passes_total", "route" => route.to_owned())
-            .increment(0);
+    register_route_series(&table);
+    for result in ["applied", "refused"] {
+        metrics::counter!("paygate_gateway_route_reloads_total", "result" => result).increment(0);
     }
     for backend in ["billing", "usage"] {
         for kind in ["circuit_open", "deadline", "failed"] {
@@ -87,14 +97,86 @@ pub fn gateway(
     }
     let stale_for = file.entitlements_stale_for();
     Arc::new(Gateway {
-        routes: table,
+        routes: RwLock::new(Arc::new(table)),
         file,
+        readiness: Arc::new(readiness::Readiness::new()),
         cache: entitlements::EntitlementCache::new(backends.clone(), stale_for),
         backends,
         degraded_passes: std::sync::Mutex::new(std::collections::HashMap::new()),
         stats: stats::CustomerStats::default(),
         stats_interval,
     })
+}
+
+fn register_route_series(table: &routes::RouteTable) {
+    for route in table.prefixes() {
+        metrics::counter!("paygate_gateway_degraded_passes_total", "route" => route.to_owned())
+            .increment(0);
+    }
+}
+
+/// Reads and checks the routes file at `path`; the error is one line that names `GATEWAY_CONFIG`, the
+/// path and what is wrong (for TOML, the line and column).
+pub fn load_routes_file(path: &Path) -> anyhow::Result<(routes::RoutesFile, routes::RouteTable)> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("failed to read GATEWAY_CONFIG `{}`", path.display()))?;
+    routes::parse_routes_file(&text).map_err(|error| {
+        let why = match &error {
+            routes::RoutesError::Toml(toml) => toml_error_line(&text, toml),
+            other => other.to_string(),
+        };
+        anyhow::anyhow!("GATEWAY_CONFIG `{}`: {why}", path.display())
+    })
+}
+
+/// Returns a TOML error as one line: `not valid TOML at line L, column C: <message>`.
+fn toml_error_line(text: &str, error: &toml::de::Error) -> String {
+    let message = error.message().trim();
+    let Some(span) = error.span() else {
+        return format!("not valid TOML: {message}");
+    };
+    let before = &text[..span.start.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |newline| newline + 1) + 1;
+    format!("not valid TOML at line {line}, column {column}: {message}")
+}
+
+/// Reads the routes file at `path` again and, when it is valid, puts its routes in force: requests that
+/// start from then on use them, requests in flight finish on the old ones. Returns the number of routes
+/// now in force. When the file cannot be read or is not valid, the routes in force stay and the error
+/// (one line, also logged) says why. Settings of the file other than its routes (`[limits]`, problem
+/// URLs, trusted proxies, `entitlements_stale_for_ms`) apply at restart; a reload that changes them says so.
+pub fn reload_routes(gateway: &Gateway, path: &Path) -> anyhow::Result<usize> {
+    let (file, table) = match load_routes_file(path) {
+        Ok(loaded) => loaded,
+        Err(error) => {
+            metrics::counter!("paygate_gateway_route_reloads_total", "result" => "refused")
+                .increment(1);
+            tracing::warn!(
+                error = %telemetry::one_line(&error),
+                "routes file not reloaded; the routes in force stay"
+            );
+            return Err(error);
+        }
+    };
+    if settings_besides_routes(&file) != settings_besides_routes(&gateway.file) {
+        tracing::warn!(
+            "the routes file's settings other than its routes changed; they apply at restart"
+        );
+    }
+    register_route_series(&table);
+    let count = table.routes().len();
+    gateway.replace_routes(table);
+    metrics::counter!("paygate_gateway_route_reloads_total", "result" => "applied").increment(1);
+    tracing::info!(routes = count, "routes file reloaded");
+    Ok(count)
+}
+
+/// Returns a routes file's settings other than its routes, comparable with another file's.
+fn settings_besides_routes(file: &routes::RoutesFile) -> String {
+    let mut settings = file.clone();
+    settings.routes.clear();
+    format!("{settings:?}")
 }
 
 /// Serves HTTP/1.1 and HTTP/2 on `listener` until `shutdown` completes, then stops accepting and lets
@@ -122,6 +204,11 @@ pub async fn serve_with_tls(
     let certificate_watch = tls
         .clone()
         .map(|tls| tokio::spawn(tls.watch(tls::CERTIFICATE_CHECK_INTERVAL, stop.clone())));
+    let checker = tokio::spawn(readiness::check_continuously(
+        gateway.readiness.clone(),
+        gateway.backends.clone(),
+        stop.clone(),
+    ));
     let reporting = {
         let gateway = gateway.clone();
         let stop_reporting = CancellationToken::new();
@@ -211,6 +298,7 @@ pub async fn serve_with_tls(
         });
     }
     drop(listener);
+    gateway.readiness.shutting_down();
     tokio::select! {
         () = graceful.shutdown() => {}
         () = tokio::time::sleep(DRAIN_LIMIT) => tracing::warn!("in-flight requests did not finish in time"),
@@ -220,6 +308,7 @@ pub async fn serve_with_tls(
     if let Some(watch) = certificate_watch {
         let _ = watch.await;
     }
+    let _ = checker.await;
     // After the drain, so the requests that finished during it are in the last report.
     reporting.1.cancel();
     let _ = reporting.0.await;

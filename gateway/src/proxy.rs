@@ -4,7 +4,7 @@ use std::{
     collections::HashMap,
     convert::Infallible,
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, RwLock},
     time::{Instant, SystemTime},
 };
 
@@ -35,15 +35,22 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body of every answer.
 pub type Body = BoxBody<Bytes, BoxError>;
 
-/// Path under which the gateway serves its own health.
+/// Path under which the gateway serves its own health: 200 while the process serves (liveness).
 pub const HEALTH_PATH: &str = "/_paygate/health";
+/// Path under which the gateway serves its readiness: 200 when it can serve paid requests, else 503 with
+/// what is not ready (see `readiness`).
+pub const READY_PATH: &str = "/_paygate/ready";
 /// Path prefix of the human pages per problem code.
 pub const PROBLEMS_PATH: &str = "/problems/";
 
 /// Everything the decision needs, shared by all connections.
 pub struct Gateway {
-    pub routes: RouteTable,
+    /// The routes in force: a reload replaces the whole table, and each request reads it once, so a
+    /// request in flight finishes on the table it started with.
+    pub(crate) routes: RwLock<Arc<RouteTable>>,
+    /// The routes file as read at start; its settings other than the routes apply at restart.
     pub file: RoutesFile,
+    pub readiness: Arc<crate::readiness::Readiness>,
     pub backends: Backends,
     pub cache: EntitlementCache,
     /// Units passed per (key digest, route prefix) while degraded, for `failure_mode = "open"` budgets.
@@ -75,6 +82,25 @@ struct Extras {
 }
 
 impl Gateway {
+    /// Returns the routes in force now.
+    pub fn routes(&self) -> Arc<RouteTable> {
+        self.routes
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Puts `table` in force for requests that start from now on; returns the table it replaces.
+    pub fn replace_routes(&self, table: RouteTable) -> Arc<RouteTable> {
+        std::mem::replace(
+            &mut *self
+                .routes
+                .write()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+            Arc::new(table),
+        )
+    }
+
     fn problem_response(
         &self,
         problem: Problem,
@@ -139,7 +165,8 @@ impl Gateway {
     ) -> Result<Response<Body>, Infallible> {
         let started = Instant::now();
         let request_id = request_id(request.headers());
-        let route = self.routes.find(request.uri().path());
+        let routes = self.routes();
+        let route = routes.find(request.uri().path());
         // Never the key or any header: the customer, route, decision and units are recorded as known.
         let span = tracing::info_span!(
             "request",
@@ -198,6 +225,9 @@ impl Gateway {
         let path = request.uri().path();
         if path == HEALTH_PATH {
             return text_response(StatusCode::OK, "text/plain; charset=utf-8", "ok\n");
+        }
+        if path == READY_PATH {
+            return self.ready_response();
         }
         if let Some(code) = path.strip_prefix(PROBLEMS_PATH) {
             return match Code::parse(code) {
@@ -480,6 +510,22 @@ impl Gateway {
         }
         problem.actions = self.actions(code);
         problem
+    }
+
+    fn ready_response(&self) -> Response<Body> {
+        let report = self
+            .readiness
+            .report(self.routes().routes().len(), &self.backends);
+        let status = if report.ready {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        let mut response = text_response(status, "application/json", report.body);
+        response
+            .headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        response
     }
 
     fn unavailable(&self, request_id: &str) -> Response<Body> {

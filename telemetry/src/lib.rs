@@ -27,21 +27,36 @@ const BUCKETS: &[f64] = &[
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 pub mod log_limit;
+pub mod metric_help;
 pub mod traces;
 
 pub use log_limit::{LogLimit, REPEAT_INTERVAL};
 
 /// Installs the subscriber of a service binary: logs filtered by `RUST_LOG` (default `info`) as lines on
-/// stdout, and, when `OTEL_EXPORTER_OTLP_ENDPOINT` is set, every span at `info` or above exported over OTLP
-/// as `service` (whatever `RUST_LOG` says, so quiet logs keep full traces). Keep the guard and call
-/// `shutdown` last, so the spans still buffered are sent.
+/// stdout, in the format `LOG_FORMAT` names (`text`, the default, or `json`: one object per line), with ANSI
+/// colour only when stdout is a terminal; and, when `OTEL_EXPORTER_OTLP_ENDPOINT` is set, every span at
+/// `info` or above exported over OTLP as `service` (whatever `RUST_LOG` says, so quiet logs keep full
+/// traces). Fails on an unknown `LOG_FORMAT`. Keep the guard and call `shutdown` last, so the spans still
+/// buffered are sent.
 pub fn init(service: &'static str) -> anyhow::Result<TelemetryGuard> {
+    use std::io::IsTerminal;
     use tracing_subscriber::{Layer, layer::SubscriberExt, util::SubscriberInitExt};
 
+    let format = LogFormat::from_env()?;
     let provider = traces::otlp_provider(service)?;
-    let logs = tracing_subscriber::fmt::layer().with_filter(
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-    );
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let logs = match format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_ansi(std::io::stdout().is_terminal())
+            .with_filter(filter)
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_ansi(false)
+            .with_filter(filter)
+            .boxed(),
+    };
     let spans = provider.as_ref().map(|provider| {
         traces::layer(provider, service).with_filter(tracing_subscriber::filter::LevelFilter::INFO)
     });
@@ -51,6 +66,72 @@ pub fn init(service: &'static str) -> anyhow::Result<TelemetryGuard> {
         .try_init()
         .map_err(|error| anyhow::anyhow!("failed to install the log subscriber: {error}"))?;
     Ok(TelemetryGuard { provider })
+}
+
+/// How log lines are written, from `LOG_FORMAT`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines (the default).
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+impl LogFormat {
+    /// Reads `LOG_FORMAT`: unset or empty means `text`; anything but `text` or `json` is an error that names
+    /// the variable.
+    pub fn from_env() -> anyhow::Result<Self> {
+        match std::env::var("LOG_FORMAT") {
+            Err(std::env::VarError::NotPresent) => Ok(Self::Text),
+            Err(std::env::VarError::NotUnicode(_)) => {
+                anyhow::bail!("LOG_FORMAT must be `text` or `json`")
+            }
+            Ok(value) => Self::parse(&value),
+        }
+    }
+
+    fn parse(value: &str) -> anyhow::Result<Self> {
+        match value.trim() {
+            "" | "text" => Ok(Self::Text),
+            "json" => Ok(Self::Json),
+            other => anyhow::bail!("LOG_FORMAT must be `text` or `json`, got `{other}`"),
+        }
+    }
+}
+
+/// Returns `error` as one line for a start-up failure: each cause once (a cause whose text the message
+/// already holds, as when an error's `Display` includes its source, is left out), joined by `: `, with
+/// line breaks inside a cause folded into spaces.
+pub fn one_line(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = fold_lines(&cause.to_string());
+        if text.is_empty() || line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
+/// Returns a clap error's rendered text as one line: its message without the `error: ` tag, the usage
+/// and the `--help` hint, which repeat what `--help` says.
+pub fn one_line_usage_error(rendered: &str) -> String {
+    let message: Vec<&str> = rendered
+        .lines()
+        .map(str::trim)
+        .take_while(|line| !line.starts_with("Usage:") && !line.starts_with("For more information"))
+        .filter(|line| !line.is_empty())
+        .collect();
+    let line = message.join(" ");
+    line.strip_prefix("error: ").unwrap_or(&line).to_owned()
+}
+
+fn fold_lines(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// Keeps the trace exporter of `init`; `shutdown` flushes it.
@@ -86,6 +167,7 @@ pub fn metrics() -> PrometheusHandle {
             let handle = recorder.handle();
             // Another recorder may already be installed (a test's); ours then simply records nothing.
             let _ = metrics::set_global_recorder(recorder);
+            metric_help::describe_all();
             handle
         })
         .clone()
@@ -154,4 +236,55 @@ fn answer(handle: &PrometheusHandle, request: &Request<Incoming>) -> Response<Fu
         header::HeaderValue::from_static("no-store"),
     );
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("connect failed: {0}")]
+    struct Repeating(#[source] std::io::Error);
+
+    #[test]
+    fn a_cause_already_in_the_message_is_printed_once() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let error = anyhow::Error::new(Repeating(refused)).context("REDIS_URL");
+
+        let line = one_line(&error);
+
+        assert_eq!(line, "REDIS_URL: connect failed: connection refused");
+    }
+
+    #[test]
+    fn line_breaks_inside_a_cause_are_folded() {
+        let error =
+            anyhow::anyhow!("TOML parse error at line 2\n  |\n2 | [[x\n").context("GATEWAY_CONFIG");
+
+        assert_eq!(
+            one_line(&error),
+            "GATEWAY_CONFIG: TOML parse error at line 2 | 2 | [[x"
+        );
+    }
+
+    #[test]
+    fn a_usage_error_keeps_its_message_and_drops_usage_and_hint() {
+        let rendered = "error: the following required arguments were not provided:\n  --routes-file <GATEWAY_CONFIG>\n\nUsage: gateway --routes-file <GATEWAY_CONFIG>\n\nFor more information, try '--help'.\n";
+
+        assert_eq!(
+            one_line_usage_error(rendered),
+            "the following required arguments were not provided: --routes-file <GATEWAY_CONFIG>"
+        );
+    }
+
+    #[test]
+    fn log_format_accepts_text_and_json_only() {
+        assert_eq!(LogFormat::parse("").ok(), Some(LogFormat::Text));
+        assert_eq!(LogFormat::parse("json").ok(), Some(LogFormat::Json));
+        let refused = LogFormat::parse("xml").expect_err("xml is refused");
+        assert_eq!(
+            refused.to_string(),
+            "LOG_FORMAT must be `text` or `json`, got `xml`"
+        );
+    }
 }

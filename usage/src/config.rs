@@ -10,40 +10,84 @@ use anyhow::{Context, bail};
 #[command(
     name = "usage",
     about = "paygate usage: exact admission (rate, quota, credits) in Redis",
-    after_help = "Logging: RUST_LOG sets the log filter (default `info`).\nTracing: OTEL_EXPORTER_OTLP_ENDPOINT turns on OTLP trace export (gRPC), off when unset."
+    after_help = "Logging: RUST_LOG sets the log filter (default `info`); LOG_FORMAT is `text` (default) or `json`.\nTracing: OTEL_EXPORTER_OTLP_ENDPOINT turns on OTLP trace export (gRPC), off when unset."
 )]
 pub struct Config {
     /// Address the gRPC server listens on.
-    #[arg(long, env = "USAGE_LISTEN_ADDR", default_value = "0.0.0.0:50052")]
+    #[arg(
+        long,
+        env = "USAGE_LISTEN_ADDR",
+        value_name = "USAGE_LISTEN_ADDR",
+        default_value = "0.0.0.0:50052"
+    )]
     pub listen_addr: SocketAddr,
     /// Address Prometheus scrapes `/metrics` on.
-    #[arg(long, env = "USAGE_METRICS_ADDR", default_value = "0.0.0.0:9102")]
+    #[arg(
+        long,
+        env = "USAGE_METRICS_ADDR",
+        value_name = "USAGE_METRICS_ADDR",
+        default_value = "0.0.0.0:9102"
+    )]
     pub metrics_addr: SocketAddr,
     /// Redis URL (required, or REDIS_URL_FILE), e.g. redis://127.0.0.1:6379.
-    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "REDIS_URL",
+        value_name = "REDIS_URL",
+        hide_env_values = true
+    )]
     pub redis_url: Option<String>,
     /// File holding the Redis URL.
-    #[arg(long, env = "REDIS_URL_FILE")]
+    #[arg(long, env = "REDIS_URL_FILE", value_name = "REDIS_URL_FILE")]
     pub redis_url_file: Option<PathBuf>,
     /// Where billing's gRPC API is.
-    #[arg(long, env = "BILLING_URL", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        env = "BILLING_URL",
+        value_name = "BILLING_URL",
+        default_value = "http://127.0.0.1:50051"
+    )]
     pub billing_url: String,
     /// Bearer token usage requires of its callers and sends to billing (required, or
     /// PAYGATE_SERVICE_TOKEN_FILE; at least 16 characters).
-    #[arg(long, env = "PAYGATE_SERVICE_TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "PAYGATE_SERVICE_TOKEN",
+        value_name = "PAYGATE_SERVICE_TOKEN",
+        hide_env_values = true
+    )]
     pub service_token: Option<String>,
     /// File holding the service token.
-    #[arg(long, env = "PAYGATE_SERVICE_TOKEN_FILE")]
+    #[arg(
+        long,
+        env = "PAYGATE_SERVICE_TOKEN_FILE",
+        value_name = "PAYGATE_SERVICE_TOKEN_FILE"
+    )]
     pub service_token_file: Option<PathBuf>,
     /// Prefix of every Redis key usage writes (several deployments can share one Redis).
-    #[arg(long, env = "USAGE_KEY_PREFIX", default_value = "paygate")]
+    #[arg(
+        long,
+        env = "USAGE_KEY_PREFIX",
+        value_name = "USAGE_KEY_PREFIX",
+        default_value = "paygate"
+    )]
     pub key_prefix: String,
     /// How often spending is reported to billing, in milliseconds.
-    #[arg(long, env = "USAGE_REPORT_INTERVAL_MS", default_value_t = 1000)]
+    #[arg(
+        long,
+        env = "USAGE_REPORT_INTERVAL_MS",
+        value_name = "USAGE_REPORT_INTERVAL_MS",
+        default_value_t = 1000
+    )]
     pub report_interval_ms: u64,
     /// How often credit mirrors are compared with billing's ledger (and repaired toward it), in
     /// milliseconds; also once at start.
-    #[arg(long, env = "USAGE_RECONCILE_INTERVAL_MS", default_value_t = 30_000)]
+    #[arg(
+        long,
+        env = "USAGE_RECONCILE_INTERVAL_MS",
+        value_name = "USAGE_RECONCILE_INTERVAL_MS",
+        default_value_t = 30_000
+    )]
     pub reconcile_interval_ms: u64,
     /// Start even when Redis keeps no append-only file or may evict keys (development only: a Redis
     /// restart then forgets counters, and eviction can forget spending).
@@ -53,18 +97,30 @@ pub struct Config {
     // TLS (DESIGN §9): the gRPC server, the link to billing, and Redis.
     /// Certificate chain (PEM) the gRPC server presents; with PAYGATE_GRPC_TLS_KEY_FILE it serves TLS only.
     /// Plaintext when both are unset.
-    #[arg(long, env = "PAYGATE_GRPC_TLS_CERT_FILE")]
+    #[arg(
+        long,
+        env = "PAYGATE_GRPC_TLS_CERT_FILE",
+        value_name = "PAYGATE_GRPC_TLS_CERT_FILE"
+    )]
     pub grpc_tls_cert_file: Option<PathBuf>,
     /// Private key (PEM) of PAYGATE_GRPC_TLS_CERT_FILE.
-    #[arg(long, env = "PAYGATE_GRPC_TLS_KEY_FILE")]
+    #[arg(
+        long,
+        env = "PAYGATE_GRPC_TLS_KEY_FILE",
+        value_name = "PAYGATE_GRPC_TLS_KEY_FILE"
+    )]
     pub grpc_tls_key_file: Option<PathBuf>,
     /// CA certificate(s) (PEM) billing's certificate is verified with when BILLING_URL is https://
     /// (default: the system roots).
-    #[arg(long, env = "PAYGATE_GRPC_CA_FILE")]
+    #[arg(
+        long,
+        env = "PAYGATE_GRPC_CA_FILE",
+        value_name = "PAYGATE_GRPC_CA_FILE"
+    )]
     pub grpc_ca_file: Option<PathBuf>,
     /// CA certificate(s) (PEM) Redis's certificate is verified with when REDIS_URL is rediss://
     /// (default: the system roots).
-    #[arg(long, env = "REDIS_CA_FILE")]
+    #[arg(long, env = "REDIS_CA_FILE", value_name = "REDIS_CA_FILE")]
     pub redis_ca_file: Option<PathBuf>,
 }
 
@@ -103,9 +159,7 @@ impl Config {
             &self.service_token,
             &self.service_token_file,
         )?;
-        if service_token.chars().count() < 16 {
-            bail!("PAYGATE_SERVICE_TOKEN must be at least 16 characters");
-        }
+        check_token("PAYGATE_SERVICE_TOKEN", &service_token)?;
         Ok(Secrets {
             redis_url,
             service_token,
@@ -140,4 +194,20 @@ fn resolve_secret(
         bail!("{name} is empty");
     }
     Ok(secret)
+}
+
+/// Tokens shorter than this are refused at start (DESIGN §9).
+const MIN_TOKEN_CHARS: usize = 16;
+/// Values starting with this are `.env.example`'s placeholders, publicly known, and refused at start.
+const PLACEHOLDER_PREFIX: &str = "change-me";
+
+/// Refuses a token left at a placeholder or shorter than `MIN_TOKEN_CHARS`; the error names `name`.
+fn check_token(name: &str, token: &str) -> anyhow::Result<()> {
+    if token.starts_with(PLACEHOLDER_PREFIX) {
+        bail!("{name} is a placeholder (starts with `{PLACEHOLDER_PREFIX}`): set a random value");
+    }
+    if token.chars().count() < MIN_TOKEN_CHARS {
+        bail!("{name} must be at least {MIN_TOKEN_CHARS} characters");
+    }
+    Ok(())
 }

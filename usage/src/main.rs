@@ -14,11 +14,24 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config = usage::Config::parse();
+    let config = match usage::Config::try_parse() {
+        Ok(config) => config,
+        Err(error) if !error.use_stderr() => {
+            let _ = error.print(); // --help and --version
+            return ExitCode::SUCCESS;
+        }
+        Err(error) => {
+            eprintln!(
+                "usage: {}",
+                telemetry::one_line_usage_error(&error.to_string())
+            );
+            return ExitCode::FAILURE;
+        }
+    };
     let telemetry = match telemetry::init("usage") {
         Ok(telemetry) => telemetry,
         Err(error) => {
-            eprintln!("usage: {error:#}");
+            eprintln!("usage: {}", telemetry::one_line(&error));
             return ExitCode::FAILURE;
         }
     };
@@ -28,7 +41,7 @@ async fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             // One line, so the cause is readable in any log collector.
-            eprintln!("usage: {error:#}");
+            eprintln!("usage: {}", telemetry::one_line(&error));
             ExitCode::FAILURE
         }
     }
@@ -39,7 +52,11 @@ async fn run(config: usage::Config) -> anyhow::Result<()> {
     let grpc_tls = config.grpc_tls()?;
     let grpc_ca = config.grpc_ca()?;
     let redis_client = usage::redis_client(&secrets.redis_url, config.redis_ca_file.as_deref())?;
-    let redis = usage::connect_redis_with(&redis_client).await?;
+    // A Redis still loading its data is waited for (up to minutes): say so before any wait.
+    tracing::info!("connecting to Redis (REDIS_URL)");
+    let redis = usage::connect_redis_with(&redis_client)
+        .await
+        .context("REDIS_URL")?;
     let probe = usage::RedisProbe::with_client(redis_client, redis.clone());
     let counters = usage::Counters::new(redis, usage::Keys::new(config.key_prefix.clone()))
         .await
@@ -52,7 +69,12 @@ async fn run(config: usage::Config) -> anyhow::Result<()> {
     )?;
     let metrics = TcpListener::bind(config.metrics_addr)
         .await
-        .with_context(|| format!("failed to listen on {} for metrics", config.metrics_addr))?;
+        .with_context(|| {
+            format!(
+                "failed to listen on USAGE_METRICS_ADDR {}",
+                config.metrics_addr
+            )
+        })?;
     tokio::spawn(telemetry::serve_metrics(
         metrics,
         telemetry::metrics(),
@@ -60,7 +82,12 @@ async fn run(config: usage::Config) -> anyhow::Result<()> {
     ));
     let listener = TcpListener::bind(config.listen_addr)
         .await
-        .with_context(|| format!("failed to listen on {}", config.listen_addr))?;
+        .with_context(|| {
+            format!(
+                "failed to listen on USAGE_LISTEN_ADDR {}",
+                config.listen_addr
+            )
+        })?;
     let listener = proto::tls::GrpcListener::new(listener, grpc_tls);
     tracing::info!(addr = %config.listen_addr, "usage listening");
     let settings = usage::Settings {
