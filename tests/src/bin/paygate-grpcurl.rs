@@ -436,14 +436,14 @@ async fn invoke(
 }
 
 fn type_name(field: &FieldDescriptor) -> String {
-    if field.is_map() {
-        if let Kind::Message(entry) = field.kind() {
-            return format!(
-                "map<{}, {}>",
-                type_name(&entry.map_entry_key_field()),
-                type_name(&entry.map_entry_value_field())
-            );
-        }
+    if let Kind::Message(entry) = field.kind()
+        && field.is_map()
+    {
+        return format!(
+            "map<{}, {}>",
+            type_name(&entry.map_entry_key_field()),
+            type_name(&entry.map_entry_value_field())
+        );
     }
     match field.kind() {
         Kind::Double => "double".to_owned(),
@@ -532,18 +532,18 @@ async fn describe(reflection: &mut Reflection, symbol: &str) -> Result<String, F
     if let Some(enumeration) = pool.get_enum_by_name(symbol) {
         return Ok(describe_enum(&enumeration));
     }
-    if let Some((service, method)) = symbol.rsplit_once('.') {
-        if let Some(method) = pool.get_service_by_name(service).and_then(|service| {
+    if let Some((service, method)) = symbol.rsplit_once('.')
+        && let Some(method) = pool.get_service_by_name(service).and_then(|service| {
             service
                 .methods()
                 .find(|candidate| candidate.name() == method)
-        }) {
-            return Ok(format!(
-                "{} is a method:\n{}",
-                method.full_name(),
-                method_line(&method)
-            ));
-        }
+        })
+    {
+        return Ok(format!(
+            "{} is a method:\n{}",
+            method.full_name(),
+            method_line(&method)
+        ));
     }
     Err(other(format!(
         "Symbol \"{symbol}\" is not a service, message, enum or method"
