@@ -8,7 +8,9 @@ mod readme;
 
 use std::path::PathBuf;
 
-use integration_tests::{ADMIN_TOKEN, fresh_database, spawn_billing};
+use integration_tests::{
+    ADMIN_TOKEN, fresh_database, spawn_billing, spawn_billing_with_tls, tls::TestCa,
+};
 use readme::Stack;
 
 /// Returns the `grpcurl` on `PATH`, if there is one.
@@ -176,4 +178,44 @@ async fn the_stand_in_grpcurl_lists_the_services_billing_reflects() {
         String::from_utf8_lossy(&output.stdout),
         "billing.v1.BillingAdmin\nbilling.v1.Entitlements\ngrpc.health.v1.Health\n"
     );
+}
+
+#[tokio::test]
+async fn with_cacert_instead_of_plaintext_the_section_reaches_a_tls_billing_and_another_ca_is_refused()
+ {
+    let ca = TestCa::new("grpcurl-ca");
+    let other = TestCa::new("grpcurl-other-ca");
+    let cert = ca.issue("billing", &["localhost", "127.0.0.1"]);
+    let tls = proto::tls::server_config(&cert.cert_file, &cert.key_file).expect("a usable pair");
+    let billing = spawn_billing_with_tls(fresh_database().await, tls).await;
+    let address = billing.addr.to_string();
+    let ca_file = ca.cert_file();
+    let other_file = other.cert_file();
+
+    let trusted = stand_in_grpcurl(&[
+        "-cacert",
+        ca_file.to_str().expect("utf-8"),
+        &address,
+        "list",
+    ])
+    .await;
+    let refused = stand_in_grpcurl(&[
+        "-cacert",
+        other_file.to_str().expect("utf-8"),
+        &address,
+        "list",
+    ])
+    .await;
+
+    assert!(
+        trusted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&trusted.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&trusted.stdout),
+        "billing.v1.BillingAdmin\nbilling.v1.Entitlements\ngrpc.health.v1.Health\n"
+    );
+    assert!(!refused.status.success());
+    assert!(refused.stdout.is_empty());
 }
