@@ -1,9 +1,9 @@
 //! Readiness (`/_paygate/ready`, DESIGN §8): whether this gateway can serve paid requests now — routes
 //! loaded, and billing and usage answering with the service token accepted.
 //!
-//! A background check asks both every `CHECK_INTERVAL` with a cheap authenticated read (billing: `Resolve`
-//! of a digest no key has, answered NOT_FOUND; usage: `GetUsage` of the nil customer, answered with zeros),
-//! so a refused service token and a backend whose database is down are told apart from an unreachable
+//! A background check asks both every `CHECK_INTERVAL` with a cheap authenticated read (billing:
+//! `GetCreditBalance` of the nil customer, answered NOT_FOUND; usage: `GetUsage` of the nil customer,
+//! answered with zeros), so a refused service token and a backend whose database is down are told apart from an unreachable
 //! one. Readiness requests read the last result and the breakers' state: a probe costs no backend call.
 
 use std::{
@@ -165,11 +165,17 @@ pub async fn check_continuously(
 }
 
 async fn check_billing(backends: &Backends) -> Finding {
-    let mut request = Request::new(billing_pb::ResolveRequest {
-        key_digest: vec![0; 32],
+    // Not `Resolve`: a probe every second would swell `Resolve` NOT_FOUND, the figure operators watch for
+    // guessed keys. A balance read is as cheap, authenticated, and also reaches billing's database.
+    let mut request = Request::new(billing_pb::GetCreditBalanceRequest {
+        customer_id: NIL_UUID.to_owned(),
     });
     request.set_timeout(CHECK_DEADLINE);
-    let answer = tokio::time::timeout(CHECK_DEADLINE, backends.billing().resolve(request)).await;
+    let answer = tokio::time::timeout(
+        CHECK_DEADLINE,
+        backends.billing().get_credit_balance(request),
+    )
+    .await;
     match answer {
         Err(_) => Some(no_answer()),
         Ok(Ok(_)) => None,
