@@ -15,8 +15,8 @@ use integration_tests::{
 };
 use tokio::sync::OnceCell;
 
-/// Builds the service binaries into this build's target directory once per test process; returns the
-/// directory holding them.
+/// Builds the service binaries into this build's target directory once per test process, as `bench/run`
+/// and `bench/faults` do (so they share one set of artifacts); returns the directory holding them.
 async fn binaries() -> &'static Path {
     static DIR: OnceCell<PathBuf> = OnceCell::const_new();
     DIR.get_or_init(|| async {
@@ -29,14 +29,12 @@ async fn binaries() -> &'static Path {
             .expect("target dir")
             .to_owned();
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        // The same packages as the startup, walkthrough and connections tests build, so all share one set
-        // of artifacts.
         let built = tokio::process::Command::new(&cargo)
             .current_dir(&root)
-            .args([
-                "build", "--locked", "-p", "billing", "-p", "usage", "-p", "gateway",
-            ])
-            .args(["-p", "paygatectl", "--bins", "--target-dir"])
+            .args(["build", "--locked", "-p", "billing", "-p", "usage"])
+            .args(["-p", "gateway", "-p", "integration-tests"])
+            .args(["--bin", "billing", "--bin", "usage", "--bin", "gateway"])
+            .arg("--target-dir")
             .arg(&target)
             .status()
             .await
