@@ -4,7 +4,11 @@
 //!
 //! Ports: a port picked by binding port 0 can be taken by another process before the service binds it, so
 //! a start counts only when the port is held by the process we started (its own socket, found through
-//! `/proc`), and a start whose process exits first is retried on another port.
+//! `/proc`), and a start whose process exits first is retried on other ports. (Letting the children bind
+//! port 0 themselves would need them to report the port they got; paygate's services log the address
+//! they were given, and PostgreSQL, Redis and nginx do not report one either.) A restart after a kill
+//! must use the old port, since the rest of the stack points at it: when another process holds that port
+//! it fails with [`StartError::PortTaken`], naming the port and its holder.
 
 use std::{
     fs::File,
@@ -39,9 +43,44 @@ pub const SERVICE_TOKEN: &str = "bench-service-token-0123456789";
 const START_LIMIT: Duration = Duration::from_secs(60);
 /// How long a process may take to stop after SIGTERM before it gets SIGKILL.
 const STOP_LIMIT: Duration = Duration::from_secs(15);
-const START_ATTEMPTS: usize = 5;
+/// How many starts on fresh ports are tried before giving up.
+pub const START_ATTEMPTS: usize = 5;
+/// How long a port must stay held by another process before a restart on it gives up: a port picker
+/// elsewhere may hold it for a moment, a squatter holds it for good.
+const TAKEN_GRACE: Duration = Duration::from_secs(2);
 
 // ----- processes -----
+
+/// Why a process did not come to listen on its port.
+#[derive(Debug)]
+pub enum StartError {
+    /// Another process (one we did not start) holds the port, so ours could not bind it.
+    PortTaken {
+        name: String,
+        port: u16,
+        holder: String,
+    },
+    /// The process exited, or did not listen or answer in time, for another reason.
+    Failed(String),
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::PortTaken { name, port, holder } => write!(
+                formatter,
+                "`{name}` cannot listen on port {port}: {holder} holds it"
+            ),
+            Self::Failed(reason) => formatter.write_str(reason),
+        }
+    }
+}
+
+impl From<String> for StartError {
+    fn from(reason: String) -> Self {
+        Self::Failed(reason)
+    }
+}
 
 /// A child process, stopped (SIGTERM, then SIGKILL after a while) when dropped.
 pub struct Process {
@@ -85,19 +124,36 @@ impl Process {
         }
     }
 
-    /// Waits until the process holds a listening socket on `127.0.0.1:port`; `Err` when it exits first
-    /// or takes longer than a minute.
-    pub async fn wait_until_listening(&mut self, port: u16) -> Result<(), String> {
+    /// Waits until the process holds every socket listening on `127.0.0.1:port`. Fails with
+    /// [`StartError::PortTaken`] when another process listens on the port too (it shares the port through
+    /// `SO_REUSEPORT`, or ours exited because it could not bind it), and with [`StartError::Failed`] when
+    /// ours exits otherwise or takes longer than a minute.
+    pub async fn wait_until_listening(&mut self, port: u16) -> Result<(), StartError> {
         let deadline = Instant::now() + START_LIMIT;
         loop {
-            if let Some(exited) = self.exited() {
-                return Err(exited);
-            }
-            if listens_on(self.pid(), port) {
-                return Ok(());
+            let exited = self.exited();
+            let sockets = listening_sockets(port);
+            let (ours, theirs): (Vec<_>, Vec<_>) = sockets
+                .into_iter()
+                .partition(|socket| holds_any(self.pid(), std::slice::from_ref(socket)));
+            if exited.is_some() || !ours.is_empty() {
+                if !theirs.is_empty() {
+                    return Err(StartError::PortTaken {
+                        name: self.name.clone(),
+                        port,
+                        holder: holder_of(&theirs),
+                    });
+                }
+                return match exited {
+                    Some(exited) => Err(StartError::Failed(exited)),
+                    None => Ok(()),
+                };
             }
             if Instant::now() > deadline {
-                return Err(format!("`{}` did not listen on port {port}", self.name));
+                return Err(StartError::Failed(format!(
+                    "`{}` did not listen on port {port}",
+                    self.name
+                )));
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -132,50 +188,72 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
-/// Returns whether process `pid` holds a socket listening on `127.0.0.1:port` (Linux `/proc`).
-fn listens_on(pid: u32, port: u16) -> bool {
-    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
-        return false;
-    };
-    let local = format!("0100007F:{port:04X}");
-    let inodes: Vec<String> = table
-        .lines()
-        .skip(1)
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            // local_address is field 1, st field 3 (0A: LISTEN), inode field 9.
-            (fields.get(1) == Some(&local.as_str()) && fields.get(3) == Some(&"0A"))
-                .then(|| format!("socket:[{}]", fields.get(9).copied().unwrap_or_default()))
-        })
+/// Returns the inodes (`socket:[N]`) of the sockets listening on `127.0.0.1:port`, or on `port` at an
+/// address that covers it (`0.0.0.0`, `::`, `::ffff:127.0.0.1`): any of them keeps another process from
+/// binding `127.0.0.1:port` (Linux `/proc`).
+fn listening_sockets(port: u16) -> Vec<String> {
+    let addresses = [
+        "0100007F",
+        "00000000",
+        "00000000000000000000000000000000",
+        "0000000000000000FFFF00000100007F",
+    ];
+    let locals: Vec<String> = addresses
+        .iter()
+        .map(|address| format!("{address}:{port:04X}"))
         .collect();
-    if inodes.is_empty() {
-        return false;
-    }
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|table| std::fs::read_to_string(table).ok())
+        .flat_map(|table| {
+            table
+                .lines()
+                .skip(1)
+                .filter_map(|line| {
+                    let fields: Vec<&str> = line.split_whitespace().collect();
+                    // local_address is field 1, st field 3 (0A: LISTEN), inode field 9.
+                    (fields
+                        .get(1)
+                        .is_some_and(|local| locals.iter().any(|own| own == local))
+                        && fields.get(3) == Some(&"0A"))
+                    .then(|| format!("socket:[{}]", fields.get(9).copied().unwrap_or_default()))
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Returns whether process `pid` holds one of `sockets`.
+fn holds_any(pid: u32, sockets: &[String]) -> bool {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .into_iter()
         .flatten()
         .flatten()
         .filter_map(|entry| std::fs::read_link(entry.path()).ok())
         .any(|link| {
-            inodes
+            sockets
                 .iter()
-                .any(|inode| link.as_os_str() == inode.as_str())
+                .any(|socket| link.as_os_str() == socket.as_str())
         })
 }
 
-/// Waits until something accepts connections on `127.0.0.1:port`; panics after a minute.
-pub async fn wait_for_port(port: u16, name: &str) {
-    let deadline = Instant::now() + START_LIMIT;
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        assert!(
-            Instant::now() < deadline,
-            "{name} did not listen on port {port} within 60 s"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+/// Describes the process holding one of `sockets` (`process 1234 (`nginx`)`), or says it cannot be seen
+/// when its `/proc` entry is not readable.
+fn holder_of(sockets: &[String]) -> String {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .find(|&pid| holds_any(pid, sockets))
+        .map_or_else(
+            || "a process we cannot see".to_owned(),
+            |pid| {
+                let command =
+                    std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+                format!("process {pid} (`{}`)", command.trim())
+            },
+        )
 }
 
 /// How to start one of paygate's services (`billing`, `usage`, `gateway`) as a process of its own.
@@ -228,23 +306,34 @@ impl ServiceSpec {
 
     /// Starts the service on a free port, retrying on another port when the one picked was taken.
     pub async fn start(&self) -> RunningService {
-        let mut last_error = String::new();
+        self.start_picking(free_port).await
+    }
+
+    /// Starts the service on ports from `pick_port` (one for its API, one for its metrics per attempt),
+    /// retrying with new ones while a start fails, at most five times.
+    pub async fn start_picking(&self, mut pick_port: impl FnMut() -> u16) -> RunningService {
+        let mut last_error = None;
         for _ in 0..START_ATTEMPTS {
-            let port = free_port();
-            match self.start_on(port).await {
+            let (port, metrics_port) = (pick_port(), pick_port());
+            match self.start_on_ports(port, metrics_port).await {
                 Ok(process) => return RunningService { process, port },
-                Err(error) => last_error = error,
+                Err(error) => last_error = Some(error),
             }
         }
         panic!(
-            "{} failed to start after {START_ATTEMPTS} attempts: {last_error}",
-            self.name
+            "{} failed to start after {START_ATTEMPTS} attempts: {}",
+            self.name,
+            last_error.expect("an attempt")
         );
     }
 
-    /// Starts the service on `port` (again, after a kill); `Err` when it exits or never listens, e.g.
-    /// because another process took the port meanwhile.
-    pub async fn start_on(&self, port: u16) -> Result<Process, String> {
+    /// Starts the service on `port` (again, after a kill) with metrics on a free port; fails when it
+    /// exits or never listens, e.g. because another process took the port meanwhile.
+    pub async fn start_on(&self, port: u16) -> Result<Process, StartError> {
+        self.start_on_ports(port, free_port()).await
+    }
+
+    async fn start_on_ports(&self, port: u16, metrics_port: u16) -> Result<Process, StartError> {
         let mut command = Command::new(&self.binary);
         if let Some(threads) = self.worker_threads {
             command.env("TOKIO_WORKER_THREADS", threads.to_string());
@@ -252,7 +341,7 @@ impl ServiceSpec {
         command
             .envs(self.env.iter().map(|(name, value)| (name, value)))
             .env(self.listen_var, format!("127.0.0.1:{port}"))
-            .env(self.metrics_var, format!("127.0.0.1:{}", free_port()))
+            .env(self.metrics_var, format!("127.0.0.1:{metrics_port}"))
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
@@ -315,19 +404,49 @@ pub fn gateway_spec(
 }
 
 /// Retries `start` until it succeeds or `limit` has passed, for a service started again on its old port
-/// after a kill (a socket of the killed process may still hold it for a moment).
-pub async fn restart_within<T, F, Fut>(limit: Duration, mut start: F) -> Result<T, String>
+/// after a kill (a socket of the killed process may still hold it for a moment). Gives up early with
+/// [`StartError::PortTaken`] once another process has held the port for two seconds: the experiment
+/// needs that port, and waiting will not free it.
+pub async fn restart_within<T, F, Fut>(limit: Duration, mut start: F) -> Result<T, StartError>
 where
     F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, String>>,
+    Fut: Future<Output = Result<T, StartError>>,
 {
-    let deadline = Instant::now() + limit;
+    let mut attempts = RestartAttempts::within(limit);
     loop {
         match start().await {
             Ok(started) => return Ok(started),
-            Err(error) if Instant::now() > deadline => return Err(error),
+            Err(error) if attempts.give_up_after(&error) => return Err(error),
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
+    }
+}
+
+/// When to stop starting something again on its old port.
+struct RestartAttempts {
+    deadline: Instant,
+    taken_since: Option<Instant>,
+}
+
+impl RestartAttempts {
+    fn within(limit: Duration) -> Self {
+        Self {
+            deadline: Instant::now() + limit,
+            taken_since: None,
+        }
+    }
+
+    /// Returns whether the attempt that failed with `error` should be the last.
+    fn give_up_after(&mut self, error: &StartError) -> bool {
+        if matches!(error, StartError::PortTaken { .. }) {
+            let since = *self.taken_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= TAKEN_GRACE {
+                return true;
+            }
+        } else {
+            self.taken_since = None;
+        }
+        Instant::now() > self.deadline
     }
 }
 
@@ -366,15 +485,18 @@ impl Postgres {
             settings: settings.iter().map(|&setting| setting.to_owned()).collect(),
             process: None,
         };
-        let mut last_error = String::new();
+        let mut last_error = None;
         for _ in 0..START_ATTEMPTS {
             cluster.port = free_port();
             match cluster.start_process(&binaries, &user).await {
                 Ok(()) => return cluster,
-                Err(error) => last_error = error,
+                Err(error) => last_error = Some(error),
             }
         }
-        panic!("PostgreSQL failed to start after {START_ATTEMPTS} attempts: {last_error}");
+        panic!(
+            "PostgreSQL failed to start after {START_ATTEMPTS} attempts: {}",
+            last_error.expect("an attempt")
+        );
     }
 
     /// Returns the URL of database `postgres` as user `postgres`.
@@ -385,7 +507,7 @@ impl Postgres {
         )
     }
 
-    async fn start_process(&mut self, binaries: &Binaries, user: &RunAs) -> Result<(), String> {
+    async fn start_process(&mut self, binaries: &Binaries, user: &RunAs) -> Result<(), StartError> {
         let mut command = Command::new(&binaries.postgres);
         // Started directly under the postgres user (not through runuser), so the child is the postmaster.
         if let RunAs::Postgres { uid, gid } = user {
@@ -409,7 +531,7 @@ impl Postgres {
         let mut process = Process::spawn("postgres", command);
         process.wait_until_listening(self.port).await?;
         self.process = Some(process);
-        self.wait_until_answering().await
+        Ok(self.wait_until_answering().await?)
     }
 
     /// Waits until a query succeeds (after a crash, PostgreSQL listens before its recovery is done).
@@ -458,14 +580,15 @@ impl Postgres {
         }
     }
 
-    /// Starts the cluster again on its port and data (crash recovery included); `Err` after `limit`.
-    pub async fn restart(&mut self, limit: Duration) -> Result<(), String> {
+    /// Starts the cluster again on its port and data (crash recovery included); fails after `limit`, or
+    /// sooner when another process holds the port (see [`restart_within`]).
+    pub async fn restart(&mut self, limit: Duration) -> Result<(), StartError> {
         let (binaries, user) = (Binaries::find(), RunAs::detect());
-        let deadline = Instant::now() + limit;
+        let mut attempts = RestartAttempts::within(limit);
         loop {
             match self.start_process(&binaries, &user).await {
                 Ok(()) => return Ok(()),
-                Err(error) if Instant::now() > deadline => return Err(error),
+                Err(error) if attempts.give_up_after(&error) => return Err(error),
                 Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             }
         }
@@ -529,15 +652,18 @@ impl Redis {
             dir,
             process: None,
         };
-        let mut last_error = String::new();
+        let mut last_error = None;
         for _ in 0..START_ATTEMPTS {
             server.port = free_port();
             match server.start_process().await {
                 Ok(()) => return server,
-                Err(error) => last_error = error,
+                Err(error) => last_error = Some(error),
             }
         }
-        panic!("redis failed to start after {START_ATTEMPTS} attempts: {last_error}");
+        panic!(
+            "redis failed to start after {START_ATTEMPTS} attempts: {}",
+            last_error.expect("an attempt")
+        );
     }
 
     /// Returns its URL.
@@ -550,7 +676,7 @@ impl Redis {
         self.process.as_ref().map_or(0, Process::pid)
     }
 
-    async fn start_process(&mut self) -> Result<(), String> {
+    async fn start_process(&mut self) -> Result<(), StartError> {
         let mut command = Command::new(crate::redis_server::find_binary());
         command
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
@@ -574,7 +700,9 @@ impl Redis {
             };
             match tokio::time::timeout(Duration::from_secs(2), ping).await {
                 Ok(Ok(_)) => return Ok(()),
-                _ if Instant::now() > deadline => return Err("redis does not answer".into()),
+                _ if Instant::now() > deadline => {
+                    return Err(StartError::Failed("redis does not answer".into()));
+                }
                 _ => tokio::time::sleep(Duration::from_millis(10)).await,
             }
         }
@@ -587,13 +715,14 @@ impl Redis {
         }
     }
 
-    /// Starts the server again on its port and data; `Err` after `limit`.
-    pub async fn restart(&mut self, limit: Duration) -> Result<(), String> {
-        let deadline = Instant::now() + limit;
+    /// Starts the server again on its port and data; fails after `limit`, or sooner when another process
+    /// holds the port (see [`restart_within`]).
+    pub async fn restart(&mut self, limit: Duration) -> Result<(), StartError> {
+        let mut attempts = RestartAttempts::within(limit);
         loop {
             match self.start_process().await {
                 Ok(()) => return Ok(()),
-                Err(error) if Instant::now() > deadline => return Err(error),
+                Err(error) if attempts.give_up_after(&error) => return Err(error),
                 Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             }
         }

@@ -12,13 +12,13 @@ use std::{
     path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::Arc,
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use clap::Parser;
 use integration_tests::bench::{
-    KEYS_PER_CUSTOMER, Process, admin_client, billing_spec, free_port, gateway_spec,
-    key_with_quota, many_keys, restart_within, units_used, usage_client, usage_spec, wait_for_port,
+    KEYS_PER_CUSTOMER, Process, START_ATTEMPTS, admin_client, billing_spec, free_port,
+    gateway_spec, key_with_quota, many_keys, units_used, usage_client, usage_spec,
 };
 use serde_json::{Value, json};
 use tokio::task::JoinSet;
@@ -97,11 +97,8 @@ async fn run(args: &Args, work: &Path) -> Value {
     let redis_url = integration_tests::redis_url().await;
     let redis_pid = redis_pid(&redis_url).await;
 
-    let upstream_port = free_port();
-    let nginx_port = free_port();
-    let _nginx = start_nginx(work, upstream_port, nginx_port);
-    wait_for_port(upstream_port, "nginx").await;
-    wait_for_port(nginx_port, "nginx").await;
+    let nginx = start_nginx(work).await;
+    let (upstream_port, nginx_port) = (nginx.upstream_port, nginx.proxy_port);
 
     let billing = billing_spec(&args.bin_dir, &database_url)
         .worker_threads(args.worker_threads)
@@ -122,9 +119,7 @@ async fn run(args: &Args, work: &Path) -> Value {
         usage_port,
     )
     .worker_threads(args.worker_threads);
-    let first_gateway = gateway_spec.start().await;
-    let gateway_port = first_gateway.port;
-    let mut gateway = first_gateway.process;
+    let mut gateway = gateway_spec.start().await;
 
     println!("creating customers and keys…");
     let admin = admin_client(billing_port).await;
@@ -146,7 +141,7 @@ async fn run(args: &Args, work: &Path) -> Value {
 
     let direct_url = format!("http://127.0.0.1:{upstream_port}/v1/bench");
     let nginx_url = format!("http://127.0.0.1:{nginx_port}/v1/bench");
-    let gateway_url = format!("http://127.0.0.1:{gateway_port}/v1/bench");
+    let mut gateway_url = format!("http://127.0.0.1:{}/v1/bench", gateway.port);
     let load = Load {
         connections: args.connections,
         scripts: &scripts,
@@ -168,7 +163,7 @@ async fn run(args: &Args, work: &Path) -> Value {
     let mut quota_402 = Vec::new();
     let mut cpu_per_admitted = Vec::new();
     let processes = [
-        ("gateway", gateway.pid()),
+        ("gateway", gateway.process.pid()),
         ("usage", usage.process.pid()),
         ("billing", billing.process.pid()),
         ("redis", redis_pid),
@@ -204,13 +199,11 @@ async fn run(args: &Args, work: &Path) -> Value {
     let mut warm = Vec::new();
     for repeat in 0..args.repeats {
         if repeat > 0 {
-            // A fresh gateway process: its entitlement cache is empty again.
+            // A fresh gateway process: its entitlement cache is empty again. Nothing else points at the
+            // gateway, so it may come back on another port, which is picked like the first.
             drop(gateway);
-            gateway = restart_within(Duration::from_secs(30), || {
-                gateway_spec.start_on(gateway_port)
-            })
-            .await
-            .unwrap_or_else(|error| panic!("the gateway did not start again: {error}"));
+            gateway = gateway_spec.start().await;
+            gateway_url = format!("http://127.0.0.1:{}/v1/bench", gateway.port);
             load.single(&gateway_url, &single, 1).await;
         }
         cold.push(
@@ -225,7 +218,7 @@ async fn run(args: &Args, work: &Path) -> Value {
         );
     }
     let processes = [
-        ("gateway", gateway.pid()),
+        ("gateway", gateway.process.pid()),
         ("usage", usage.process.pid()),
         ("billing", billing.process.pid()),
         ("redis", redis_pid),
@@ -297,7 +290,41 @@ async fn run(args: &Args, work: &Path) -> Value {
 
 // ----- processes -----
 
-fn start_nginx(work: &Path, upstream_port: u16, proxy_port: u16) -> Process {
+/// The nginx of the benchmark: the upstream (answering by itself) and the plain proxy in front of it.
+struct Nginx {
+    _process: Process,
+    upstream_port: u16,
+    proxy_port: u16,
+}
+
+/// Starts nginx on two free ports, retrying on others when one was taken before nginx bound it.
+async fn start_nginx(work: &Path) -> Nginx {
+    let mut last_error = None;
+    for _ in 0..START_ATTEMPTS {
+        let (upstream_port, proxy_port) = (free_port(), free_port());
+        let mut process = spawn_nginx(work, upstream_port, proxy_port);
+        let listening = match process.wait_until_listening(upstream_port).await {
+            Ok(()) => process.wait_until_listening(proxy_port).await,
+            Err(error) => Err(error),
+        };
+        match listening {
+            Ok(()) => {
+                return Nginx {
+                    _process: process,
+                    upstream_port,
+                    proxy_port,
+                };
+            }
+            Err(error) => last_error = Some(error),
+        }
+    }
+    panic!(
+        "nginx failed to start after {START_ATTEMPTS} attempts: {}",
+        last_error.expect("an attempt")
+    );
+}
+
+fn spawn_nginx(work: &Path, upstream_port: u16, proxy_port: u16) -> Process {
     let dir = work.join("nginx");
     std::fs::create_dir_all(&dir).expect("nginx's directory");
     // One nginx serves both: the upstream answers by itself, and the proxy is the stock reverse-proxy

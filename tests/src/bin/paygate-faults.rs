@@ -5,7 +5,9 @@
 //! whether every 2xx was charged exactly once. It also measures a slow-client attack (normal clients' p99
 //! with and without connections that send their head a byte a second, and how soon those are closed) and
 //! billing's `Resolve` under a storm of distinct keys. It prints one table, writes the figures as JSON, and
-//! exits non-zero only when a request was lost or charged without a 2xx, never because of a speed figure.
+//! exits non-zero only when a request was lost or charged without a 2xx, never because of a speed figure,
+//! or when a killed dependency cannot start again because another process took its port meanwhile (the
+//! rest of the stack points at that port, so the experiment cannot go on without it).
 
 #![allow(clippy::print_stdout)] // printing figures is this program's job
 
@@ -24,9 +26,9 @@ use clap::Parser;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use integration_tests::bench::{
-    Admin, Postgres, Redis, RunningService, ServiceSpec, Usage, admin_client, billing_spec,
-    entitlements_client, free_plan, gateway_spec, key_with_quota, keys_of, many_keys, percentile,
-    restart_within, subscribed_customer, usage_client, usage_of, usage_spec,
+    Admin, Postgres, Redis, RunningService, ServiceSpec, StartError, Usage, admin_client,
+    billing_spec, entitlements_client, free_plan, gateway_spec, key_with_quota, keys_of, many_keys,
+    percentile, restart_within, subscribed_customer, usage_client, usage_of, usage_spec,
 };
 use proto::billing::v1::{self as billing_pb, GetCustomerUsageRequest};
 use serde_json::{Value, json};
@@ -104,6 +106,10 @@ async fn main() {
     let work = integration_tests::bench::work_dir("paygate-faults");
     let report = run(&args, &work).await;
     let _ = std::fs::remove_dir_all(&work);
+    let report = report.unwrap_or_else(|error| {
+        eprintln!("paygate-faults: {error}; the experiment needs that port, so it stops here");
+        std::process::exit(1);
+    });
     let file = integration_tests::bench::write_results(&args.results, &args.label, &report);
     println!("\nfigures written to {}", file.display());
     if report["miscounted_requests"].as_u64() != Some(0) {
@@ -112,7 +118,8 @@ async fn main() {
     }
 }
 
-async fn run(args: &Args, work: &Path) -> Value {
+/// Runs the benchmark; fails only when a dependency cannot start again because its port was taken.
+async fn run(args: &Args, work: &Path) -> Result<Value, StartError> {
     println!("starting PostgreSQL, Redis, an upstream, billing, usage and the gateway…");
     let mut stack = Stack::start(args, work).await;
     let admin = admin_client(stack.billing.port).await;
@@ -143,7 +150,7 @@ async fn run(args: &Args, work: &Path) -> Value {
     for dependency in Dependency::ALL {
         println!("kill -9 of {} under steady load…", dependency.name());
         let scenario =
-            fault_scenario(args, &mut stack, dependency, &admin, &usage, &client, &url).await;
+            fault_scenario(args, &mut stack, dependency, &admin, &usage, &client, &url).await?;
         scenarios.push(scenario);
     }
 
@@ -154,7 +161,7 @@ async fn run(args: &Args, work: &Path) -> Value {
         storm,
     };
     report.print();
-    report.to_json()
+    Ok(report.to_json())
 }
 
 // ----- the stack -----
@@ -246,7 +253,7 @@ impl Stack {
     }
 
     /// Starts `dependency` again on its old port and returns once it answers.
-    async fn restart(&mut self, dependency: Dependency) -> Result<(), String> {
+    async fn restart(&mut self, dependency: Dependency) -> Result<(), StartError> {
         match dependency {
             Dependency::Usage => {
                 let (spec, port) = (&self.usage_spec, self.usage.port);
@@ -490,6 +497,8 @@ struct Scenario {
     streams: Vec<StreamFigures>,
 }
 
+/// Kills `dependency` under steady load and starts it again; fails only when it cannot start again because
+/// another process took its port meanwhile.
 async fn fault_scenario(
     args: &Args,
     stack: &mut Stack,
@@ -498,7 +507,7 @@ async fn fault_scenario(
     usage: &Usage,
     client: &Client<HttpConnector, Full<Bytes>>,
     url: &str,
-) -> Scenario {
+) -> Result<Scenario, StartError> {
     let code = format!("faults-{}", dependency.name().to_lowercase());
     let (warm_key, warm_subscription) =
         key_with_quota(admin, &format!("{code}-warm"), 1_000_000_000_000).await;
@@ -544,7 +553,10 @@ async fn fault_scenario(
     stack.kill(dependency);
     tokio::time::sleep(Duration::from_secs_f64(args.outage_seconds)).await;
     let restarting = Instant::now();
-    let restarted = stack.restart(dependency).await;
+    let restarted = match stack.restart(dependency).await {
+        Err(taken @ StartError::PortTaken { .. }) => return Err(taken),
+        restarted => restarted.map_err(|error| error.to_string()),
+    };
     let restart_ms = millis(restarting.elapsed());
     let returned_at = restarted.is_ok().then(|| epoch.elapsed());
     if let Some(returned_at) = returned_at {
@@ -574,14 +586,14 @@ async fn fault_scenario(
             settled_units(admin, usage, subscription, figures.ok()).await;
         streams.push(figures);
     }
-    Scenario {
+    Ok(Scenario {
         dependency,
         kill_at,
         returned_at,
         restart_error: restarted.err(),
         restart_ms,
         streams,
-    }
+    })
 }
 
 /// Waits until usage has reported everything it counted for `subscription` and billing has recorded it
