@@ -24,6 +24,7 @@ pub mod connections;
 pub mod entitlements;
 pub mod framing;
 pub mod headers;
+pub mod leases;
 pub mod problem;
 pub mod proxy;
 pub mod readiness;
