@@ -491,6 +491,30 @@ impl pb::usage_server::Usage for UsageApi {
             unreported_credits_micros: figures.unreported_credits,
         }))
     }
+
+    async fn lease(
+        &self,
+        _request: Request<pb::LeaseRequest>,
+    ) -> Result<Response<pb::LeaseResponse>, Status> {
+        Err(Status::unimplemented("leases are not served yet"))
+    }
+
+    async fn return_leases(
+        &self,
+        _request: Request<pb::ReturnLeasesRequest>,
+    ) -> Result<Response<pb::ReturnLeasesResponse>, Status> {
+        Err(Status::unimplemented("leases are not served yet"))
+    }
+
+    type WatchRecallsStream =
+        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::Recall, Status>> + Send>>;
+
+    async fn watch_recalls(
+        &self,
+        _request: Request<pb::WatchRecallsRequest>,
+    ) -> Result<Response<Self::WatchRecallsStream>, Status> {
+        Err(Status::unimplemented("leases are not served yet"))
+    }
 }
 
 /// Returns the period start of a sealed entry as a proto timestamp.
