@@ -257,3 +257,31 @@ fn check_token(name: &str, token: &str) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[test]
+    fn lease_settings_default_to_the_documented_values() {
+        let config = Config::try_parse_from(["usage"]).expect("defaults parse");
+
+        let settings = config.lease_settings().expect("defaults are valid");
+
+        assert_eq!(settings, crate::LeaseSettings::default());
+        assert_eq!(settings.ttl, Duration::from_millis(2000));
+        assert_eq!(settings.grace, Duration::from_millis(1000));
+        assert_eq!(settings.recall_wait, Duration::from_millis(100));
+    }
+
+    #[test]
+    fn a_recall_wait_above_200_ms_is_refused() {
+        let config = Config::try_parse_from(["usage", "--recall-wait-ms", "201"]).expect("parses");
+
+        let refusal = config.lease_settings().expect_err("refused");
+
+        assert!(refusal.to_string().contains("USAGE_RECALL_WAIT_MS"));
+    }
+}

@@ -1489,6 +1489,32 @@ mod tests {
     }
 
     #[test]
+    fn a_grant_reply_parses_and_a_negative_slot_figure_is_refused() {
+        let reply = [
+            0, 50, 0, 0, 4, 2_000, 100_000, 1_000_000, 2_000, 50, 100, -1, 1,
+        ];
+
+        let grant = lease_grant_from_reply(&reply).expect("a valid reply");
+        let broken = lease_grant_from_reply(&[
+            0, 50, 0, 0, 4, -5, 100_000, 1_000_000, 2_000, 50, 100, -1, 0,
+        ]);
+
+        assert_eq!(grant.quota_units, 50);
+        assert_eq!(
+            (
+                grant.slots,
+                grant.first_slot_offset_us,
+                grant.emission_us,
+                grant.tolerance_us
+            ),
+            (4, 2_000, 100_000, 1_000_000)
+        );
+        assert_eq!((grant.credits_remaining, grant.written_off), (-1, 1));
+        assert!(!grant.is_empty() && !grant.replayed);
+        assert!(broken.is_err());
+    }
+
+    #[test]
     fn outbox_keys_name_their_customer_and_nothing_else_matches() {
         let keys = Keys::new("pg");
         let customer = Uuid::new_v4();

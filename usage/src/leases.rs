@@ -34,6 +34,7 @@ pub struct RecallBroker {
     watchers: Arc<Mutex<HashMap<Uuid, mpsc::Sender<Uuid>>>>,
     returned: Arc<ReturnedNotices>,
     closing: CancellationToken,
+    subscribed: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 struct ReturnedNotices(broadcast::Sender<Uuid>);
@@ -62,6 +63,14 @@ impl RecallBroker {
             holder,
             closing: Box::pin(self.closing.clone().cancelled_owned()),
         }
+    }
+
+    /// Waits until the broker follows the channels, at most `limit`; returns whether it does.
+    pub async fn wait_until_subscribed(&self, limit: Duration) -> bool {
+        let mut subscribed = self.subscribed.subscribe();
+        tokio::time::timeout(limit, subscribed.wait_for(|subscribed| *subscribed))
+            .await
+            .is_ok_and(|waited| waited.is_ok())
     }
 
     /// Ends every recall stream (shutdown: the server waits for open streams before it stops).
@@ -122,6 +131,7 @@ impl RecallBroker {
                 () = stop.cancelled() => return,
                 followed = self.follow(&client, &recall_channel, &returned_channel) => followed,
             };
+            self.subscribed.send_replace(false);
             if let Err(error) = followed {
                 tracing::warn!(%error, "lease recall subscription lost; subscribing again");
             }
@@ -141,6 +151,7 @@ impl RecallBroker {
         let mut pubsub = client.get_async_pubsub().await?;
         pubsub.subscribe(recall_channel).await?;
         pubsub.subscribe(returned_channel).await?;
+        self.subscribed.send_replace(true);
         let mut messages = pubsub.on_message();
         while let Some(message) = messages.next().await {
             let Ok(payload) = message.get_payload::<String>() else {

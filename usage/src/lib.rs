@@ -134,6 +134,9 @@ const REDIS_CONNECT_TIMEOUT: Duration = Duration::from_millis(250);
 /// How long a command may wait for its answer on the shared connection.
 const REDIS_RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long usage waits at start for its subscription to lease recalls.
+const SUBSCRIBE_LIMIT: Duration = Duration::from_secs(2);
+
 /// How long usage waits at start for a Redis that is still loading its data.
 const REDIS_LOADING_LIMIT: Duration = Duration::from_secs(300);
 
@@ -248,6 +251,10 @@ pub async fn serve(
         stop.clone(),
     ));
     tokio::spawn(leases::sweep(counters.clone(), stop.clone()));
+    // A recall published before the subscription would be lost; serving a little later costs nothing.
+    if !broker.wait_until_subscribed(SUBSCRIBE_LIMIT).await {
+        tracing::warn!("lease recalls not subscribed yet; serving anyway");
+    }
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<UsageServer<grpc::UsageApi>>().await;
