@@ -655,3 +655,81 @@ async fn a_late_refund_against_a_returned_lease_applies_once() {
     assert_eq!(used, 7);
     assert_eq!(billed(&billing, &subscriber).await, (7, 0));
 }
+
+#[tokio::test]
+async fn credits_written_off_with_a_lease_are_not_poured_back_by_reconciliation() {
+    let billing = spawn_billing(fresh_database().await).await;
+    let prefix = unique_prefix();
+    let usage = spawn_usage_with_leases(&billing, &prefix, quick_leases()).await;
+    let subscriber = subscribe(
+        &billing,
+        billing_pb::CreatePlanRequest {
+            overage_mode: OverageMode::Credits.into(),
+            unit_price_micros: 250,
+            ..block_plan(0)
+        },
+    )
+    .await;
+    billing
+        .admin()
+        .await
+        .grant_credits(GrantCreditsRequest {
+            customer_id: subscriber.customer_id.clone(),
+            amount_micros: 10_000,
+            reference: Uuid::new_v4().to_string(),
+            note: String::new(),
+        })
+        .await
+        .expect("grant");
+    let mut holder = Holder::of(&usage).await;
+    holder
+        .client
+        .admit(subscriber.admit("loads-the-credits"))
+        .await
+        .expect("admit");
+    let announced = returned_announcement(&prefix).await;
+    let grant = holder.lease(subscriber.ask(Uuid::new_v4(), 100, 1)).await;
+    announced.await;
+    usage.shutdown().await; // reports the one admission, so billing's ledger is settled
+
+    let counters = integration_tests::counters(&prefix).await;
+    let state = counters
+        .mirror_state(subscriber.customer())
+        .await
+        .expect("mirror")
+        .expect("loaded");
+    let snapshot = billing
+        .entitlements()
+        .await
+        .get_credit_balance(GetCreditBalanceRequest {
+            customer_id: subscriber.customer_id.clone(),
+        })
+        .await
+        .expect("balance")
+        .into_inner();
+    let reconciled = counters
+        .reconcile_credits(
+            subscriber.customer(),
+            state.version,
+            usage::counters::LedgerSnapshot {
+                balance_micros: snapshot.balance_micros,
+                as_of_sequence: snapshot.as_of_sequence,
+                outbox_sequence: snapshot.outbox_sequence,
+            },
+        )
+        .await
+        .expect("reconcile");
+
+    assert_eq!(grant.credit_units, 19);
+    assert_eq!(
+        snapshot.balance_micros,
+        10_000 - 250,
+        "the write-off was never billed"
+    );
+    assert_eq!(
+        reconciled.reconciled,
+        usage::counters::Reconciled::Matched {
+            balance: 10_000 - 250 - 19 * 250
+        }
+    );
+}
