@@ -1454,7 +1454,7 @@ fn duration_ms(duration: std::time::Duration) -> i64 {
 fn epoch_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |elapsed| duration_ms(elapsed))
+        .map_or(0, duration_ms)
 }
 
 fn is_noscript<T>(reply: &redis::RedisResult<T>) -> bool {
