@@ -456,6 +456,7 @@ async fn try_refund(
     let mut request = Request::new(usage_pb::RefundRequest {
         request_id: request_id.to_owned(),
         customer_id: customer_id.to_owned(),
+        ..Default::default()
     });
     request.set_timeout(deadline);
     match tokio::time::timeout(deadline, usage.clone().refund(request)).await {

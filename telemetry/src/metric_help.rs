@@ -88,6 +88,22 @@ fn describe_usage() {
         "paygate_usage_mirror_repairs_total",
         "Credit mirrors set back to billing's ledger less unreported spending, by direction"
     );
+    describe_counter!(
+        "paygate_usage_leases_granted_total",
+        "Leases granted to gateways (grants that reserved units; empty grants not counted)"
+    );
+    describe_counter!(
+        "paygate_usage_leases_returned_total",
+        "Leases returned by their holders (unspent units given back, spent units billed)"
+    );
+    describe_counter!(
+        "paygate_usage_leases_recalled_total",
+        "Leases recalled because an admission needed the units or slots they held"
+    );
+    describe_counter!(
+        "paygate_usage_leases_written_off_total",
+        "Leases not returned by their deadline plus grace: units never admitted again, never billed"
+    );
 }
 
 fn describe_billing() {

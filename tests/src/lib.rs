@@ -34,7 +34,7 @@ pub use gateway_service::{
 pub use usage_service::{
     ExtraRedis, TEST_REPORT_INTERVAL, UsageClient, UsageInstance, counters, redis_connection,
     redis_url, spawn_usage, spawn_usage_at, spawn_usage_on, spawn_usage_with,
-    spawn_usage_with_prefix, start_extra_redis, unique_prefix,
+    spawn_usage_with_leases, spawn_usage_with_prefix, start_extra_redis, unique_prefix,
 };
 
 use std::{net::SocketAddr, sync::Arc};

@@ -120,6 +120,27 @@ pub async fn spawn_usage_with(
     .await
 }
 
+/// Starts usage under `prefix` granting leases under `leases` (for example a short lifetime, so a test of
+/// a write-off waits little), reporting to `billing` every `TEST_REPORT_INTERVAL`.
+pub async fn spawn_usage_with_leases(
+    billing: &BillingInstance,
+    prefix: &str,
+    leases: usage::LeaseSettings,
+) -> UsageInstance {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("failed to bind a port for usage");
+    serve_usage_leasing(
+        billing,
+        &redis_url().await,
+        prefix,
+        TEST_REPORT_INTERVAL,
+        listener,
+        leases,
+    )
+    .await
+}
+
 /// Starts usage on a free port with a fresh key prefix against the Redis at `redis_url` (for example a
 /// `RestartableRedis`), reporting to `billing`.
 pub async fn spawn_usage_on(billing: &BillingInstance, redis_url: &str) -> UsageInstance {
@@ -162,7 +183,27 @@ async fn serve_usage(
     report_interval: Duration,
     listener: TcpListener,
 ) -> UsageInstance {
+    serve_usage_leasing(
+        billing,
+        redis_url,
+        prefix,
+        report_interval,
+        listener,
+        usage::LeaseSettings::default(),
+    )
+    .await
+}
+
+async fn serve_usage_leasing(
+    billing: &BillingInstance,
+    redis_url: &str,
+    prefix: &str,
+    report_interval: Duration,
+    listener: TcpListener,
+    leases: usage::LeaseSettings,
+) -> UsageInstance {
     let (counters, connection) = counters_on(redis_url, prefix).await;
+    let counters = counters.with_lease_settings(leases);
     let probe = usage::RedisProbe::new(redis_url, connection)
         .unwrap_or_else(|error| panic!("bad redis URL: {error:#}"));
     usage::check_durability(&counters, false)

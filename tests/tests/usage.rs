@@ -298,6 +298,7 @@ async fn an_admission_arriving_after_its_own_refund_takes_nothing() {
     let refund_request = RefundRequest {
         request_id: "late".into(),
         customer_id: subscriber.customer_id.clone(),
+        ..Default::default()
     };
 
     let early_refund = client
@@ -351,6 +352,7 @@ async fn a_retried_request_is_counted_once_and_a_refund_gives_back_once() {
     let refund_request = RefundRequest {
         request_id: "a".into(),
         customer_id: subscriber.customer_id.clone(),
+        ..Default::default()
     };
     let first_refund = client
         .refund(refund_request.clone())
@@ -523,6 +525,7 @@ async fn every_key_the_scripts_touch_for_one_customer_is_in_one_cluster_slot() {
         .refund(RefundRequest {
             request_id: "s-2".into(),
             customer_id: subscriber.customer_id.clone(),
+            ..Default::default()
         })
         .await
         .expect("refund");
@@ -677,6 +680,7 @@ async fn a_graceful_shutdown_reports_pending_spending_and_a_refund_reaches_billi
         .refund(RefundRequest {
             request_id: "g-0".into(),
             customer_id: subscriber.customer_id.clone(),
+            ..Default::default()
         })
         .await
         .expect("refund");

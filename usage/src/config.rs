@@ -89,6 +89,33 @@ pub struct Config {
         default_value_t = 30_000
     )]
     pub reconcile_interval_ms: u64,
+    /// Lifetime of a lease granted to a gateway, in milliseconds: how long units and rate-limit slots may
+    /// stay reserved for one gateway without a round trip.
+    #[arg(
+        long,
+        env = "USAGE_LEASE_TTL_MS",
+        value_name = "USAGE_LEASE_TTL_MS",
+        default_value_t = 2000
+    )]
+    pub lease_ttl_ms: u64,
+    /// How long after its deadline an unreturned lease is written off, in milliseconds (its units are
+    /// then never admitted again in their period, and never billed).
+    #[arg(
+        long,
+        env = "USAGE_LEASE_GRACE_MS",
+        value_name = "USAGE_LEASE_GRACE_MS",
+        default_value_t = 1000
+    )]
+    pub lease_grace_ms: u64,
+    /// How long an admission waits for recalled leases to come back before it decides without them, in
+    /// milliseconds (at most 200: the wait adds to that request's latency).
+    #[arg(
+        long,
+        env = "USAGE_RECALL_WAIT_MS",
+        value_name = "USAGE_RECALL_WAIT_MS",
+        default_value_t = 100
+    )]
+    pub recall_wait_ms: u64,
     /// Start even when Redis keeps no append-only file or may evict keys (development only: a Redis
     /// restart then forgets counters, and eviction can forget spending).
     #[arg(long, env = "USAGE_ALLOW_VOLATILE_REDIS", default_value_t = false)]
@@ -171,6 +198,22 @@ impl Config {
         Duration::from_millis(self.report_interval_ms.max(10))
     }
 
+    /// Returns the lease settings; fails when USAGE_RECALL_WAIT_MS is above 200 or the lease lifetime is
+    /// zero.
+    pub fn lease_settings(&self) -> anyhow::Result<crate::LeaseSettings> {
+        if self.recall_wait_ms > MAX_RECALL_WAIT_MS {
+            bail!("USAGE_RECALL_WAIT_MS must be at most {MAX_RECALL_WAIT_MS}");
+        }
+        if self.lease_ttl_ms == 0 {
+            bail!("USAGE_LEASE_TTL_MS must be positive");
+        }
+        Ok(crate::LeaseSettings {
+            ttl: Duration::from_millis(self.lease_ttl_ms),
+            grace: Duration::from_millis(self.lease_grace_ms),
+            recall_wait: Duration::from_millis(self.recall_wait_ms),
+        })
+    }
+
     /// Returns the credit mirror reconciliation interval.
     pub fn reconcile_interval(&self) -> Duration {
         Duration::from_millis(self.reconcile_interval_ms.max(100))
@@ -196,6 +239,9 @@ fn resolve_secret(
     Ok(secret)
 }
 
+/// The longest USAGE_RECALL_WAIT_MS accepted: the wait adds to the latency of the request that recalls.
+const MAX_RECALL_WAIT_MS: u64 = 200;
+
 /// Tokens shorter than this are refused at start (DESIGN §9).
 const MIN_TOKEN_CHARS: usize = 16;
 /// Values starting with this are `.env.example`'s placeholders, publicly known, and refused at start.
@@ -210,4 +256,32 @@ fn check_token(name: &str, token: &str) -> anyhow::Result<()> {
         bail!("{name} must be at least {MIN_TOKEN_CHARS} characters");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[test]
+    fn lease_settings_default_to_the_documented_values() {
+        let config = Config::try_parse_from(["usage"]).expect("defaults parse");
+
+        let settings = config.lease_settings().expect("defaults are valid");
+
+        assert_eq!(settings, crate::LeaseSettings::default());
+        assert_eq!(settings.ttl, Duration::from_millis(2000));
+        assert_eq!(settings.grace, Duration::from_millis(1000));
+        assert_eq!(settings.recall_wait, Duration::from_millis(100));
+    }
+
+    #[test]
+    fn a_recall_wait_above_200_ms_is_refused() {
+        let config = Config::try_parse_from(["usage", "--recall-wait-ms", "201"]).expect("parses");
+
+        let refusal = config.lease_settings().expect_err("refused");
+
+        assert!(refusal.to_string().contains("USAGE_RECALL_WAIT_MS"));
+    }
 }

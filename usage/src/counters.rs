@@ -13,6 +13,17 @@
 //! | `P:{c:C}:r:<request id>` | string | what an admission took and answered, for replays and refunds (24 h) |
 //! | `P:{c:C}:ob` | hash | net spending not yet sealed: `u\|<sub>\|<ps>` units, `c\|<sub>\|<ps>` credits |
 //! | `P:{c:C}:os` | hash | sealed spending being reported to billing, `_id` its id, `_n` its number |
+//! | `P:{c:C}:lh` | hash | outstanding leases: lease id → record, aggregates `_q` quota units, `_c` credit micros, `_s` slots (see `scripts/lease_core.lua`) |
+//! | `P:{c:C}:lg:<lease id>` | string | a lease grant's answer, for replays (24 h) |
+//! | `P:{c:C}:lr:<lease id>` | string | a returned or written-off lease, for replays and late refunds (24 h) |
+//! | `P:{c:C}:lf:<request id>` | string | marks a late refund of a request admitted from a lease (24 h) |
+//! | `P:leases` | sorted set | `<customer>/<lease id>` by the instant (ms) it is due to be written off; written before the grant, so every granted lease is in it (cleaned up lazily) |
+//!
+//! The credits hash also holds `w`, the credits of leases written off: never billed, so billing's ledger
+//! still counts them, and never spendable again.
+//!
+//! Pub/sub channels: `P:recall` carries "<customer> <holder>…" (return that customer's leases), and
+//! `P:returned` carries "<customer>" after one of its leases was returned or written off.
 
 use redis::{Script, aio::ConnectionManager};
 use uuid::Uuid;
@@ -78,8 +89,39 @@ impl Keys {
         format!("{}:os", self.customer(customer))
     }
 
+    pub fn leases(&self, customer: Uuid) -> String {
+        format!("{}:lh", self.customer(customer))
+    }
+
+    pub fn lease_grant(&self, customer: Uuid, lease: Uuid) -> String {
+        format!("{}:lg:{lease}", self.customer(customer))
+    }
+
+    pub fn lease_returned(&self, customer: Uuid, lease: Uuid) -> String {
+        format!("{}:lr:{lease}", self.customer(customer))
+    }
+
+    pub fn lease_refund(&self, customer: Uuid, request_id: &str) -> String {
+        format!("{}:lf:{request_id}", self.customer(customer))
+    }
+
+    /// Returns the sorted set of every lease by the instant it is due to be written off.
+    pub fn lease_deadlines(&self) -> String {
+        format!("{}:leases", self.prefix)
+    }
+
+    /// Returns the channel recalls are published on.
+    pub fn recall_channel(&self) -> String {
+        format!("{}:recall", self.prefix)
+    }
+
+    /// Returns the channel returns (and write-offs) are announced on.
+    pub fn returned_channel(&self) -> String {
+        format!("{}:returned", self.prefix)
+    }
+
     /// Returns every key an admission of `admission` may touch, in the admit script's order.
-    pub fn admission(&self, admission: &Admission) -> [String; 5] {
+    pub fn admission(&self, admission: &Admission) -> [String; 6] {
         let customer = admission.customer;
         [
             self.rate(customer),
@@ -87,6 +129,7 @@ impl Keys {
             self.credits(customer),
             self.request(customer, &admission.request_id),
             self.outbox(customer),
+            self.leases(customer),
         ]
     }
 
@@ -167,6 +210,9 @@ pub enum Verdict {
     CreditsExhausted,
     /// The plan pays overage from credits and the customer's balance is not loaded yet; nothing was taken.
     CreditsNotLoaded,
+    /// The request would be refused (or would spend credits) while leases hold units or slots that could
+    /// serve it; nothing was taken. Recall the leases, then decide for good.
+    HeldElsewhere,
 }
 
 /// The script's answer for one request.
@@ -208,6 +254,7 @@ impl Decision {
             3 => Verdict::QuotaExhausted,
             4 => Verdict::CreditsExhausted,
             5 => Verdict::CreditsNotLoaded,
+            6 => Verdict::HeldElsewhere,
             _ => return Err(unexpected_reply("admit")),
         };
         Ok(Self {
@@ -318,8 +365,134 @@ pub struct Durability {
     pub maxmemory_policy: String,
 }
 
+/// Whether an admission may answer `Verdict::HeldElsewhere`, or decides for good (after a recall).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Finality {
+    MayRecall,
+    Final,
+}
+
+/// How leases are granted and written off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseSettings {
+    /// A lease's lifetime from its grant (USAGE_LEASE_TTL_MS).
+    pub ttl: std::time::Duration,
+    /// How long after its deadline an unreturned lease is written off (USAGE_LEASE_GRACE_MS).
+    pub grace: std::time::Duration,
+    /// How long an admission waits for recalled leases to come back (USAGE_RECALL_WAIT_MS).
+    pub recall_wait: std::time::Duration,
+}
+
+impl Default for LeaseSettings {
+    fn default() -> Self {
+        Self {
+            ttl: std::time::Duration::from_millis(2000),
+            grace: std::time::Duration::from_millis(1000),
+            recall_wait: std::time::Duration::from_millis(100),
+        }
+    }
+}
+
+/// One customer's lease ask from a holder, with the limits billing gave for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseAsk {
+    pub holder: Uuid,
+    pub lease: Uuid,
+    pub customer: Uuid,
+    pub subscription: Uuid,
+    pub units_wanted: i64,
+    pub slots_wanted: u32,
+    pub min_units: i64,
+    /// 0: no rate limit.
+    pub rate_limit: u32,
+    pub rate_period_ms: u32,
+    pub burst: u32,
+    pub included_units: i64,
+    pub overage: Overage,
+    pub period_start_ms: i64,
+    pub period_end_ms: i64,
+}
+
+/// What a lease ask was granted; empty (`quota_units == 0 && credit_units == 0`) when nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LeaseGrant {
+    pub replayed: bool,
+    pub quota_units: i64,
+    pub credit_units: i64,
+    pub unit_price_micros: i64,
+    pub slots: u32,
+    pub first_slot_offset_us: u64,
+    pub emission_us: u64,
+    pub tolerance_us: u64,
+    pub ttl_ms: u64,
+    pub quota_used: i64,
+    pub quota_limit: i64,
+    /// -1 when not loaded.
+    pub credits_remaining: i64,
+    /// Expired leases of the customer this grant wrote off first.
+    pub written_off: u32,
+}
+
+impl LeaseGrant {
+    /// Tells whether the grant reserved nothing.
+    pub fn is_empty(&self) -> bool {
+        self.quota_units == 0 && self.credit_units == 0
+    }
+}
+
+/// A holder giving back one lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseReturn {
+    pub holder: Uuid,
+    pub lease: Uuid,
+    pub customer: Uuid,
+    pub units_spent: i64,
+    pub first_unused_slot: u32,
+}
+
+/// What became of a returned lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseOutcome {
+    Returned {
+        units_given_back: i64,
+    },
+    AlreadyReturned {
+        units_given_back: i64,
+    },
+    /// Written off (now, when `now` is set, or before).
+    WrittenOff {
+        now: bool,
+    },
+    Unknown,
+    /// More was spent than the lease held; nothing changed.
+    Overspent,
+}
+
+/// A lease outstanding, as an admission about to recall it sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldLease {
+    pub lease: String,
+    pub holder: Uuid,
+    /// The lease's deadline, ms since the epoch by Redis's clock.
+    pub deadline_ms: i64,
+}
+
+/// What one write-off attempt found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteOff {
+    /// No such lease is outstanding.
+    Gone,
+    WrittenOff,
+    /// Due at this instant (ms since the epoch, Redis's clock).
+    NotDue(i64),
+}
+
 struct Scripts {
     admit: Script,
+    lease_grant: Script,
+    lease_return: Script,
+    lease_writeoff: Script,
+    lease_refund: Script,
     admit_many: Script,
     refund: Script,
     load_credits: Script,
@@ -335,6 +508,7 @@ pub struct Counters {
     connection: ConnectionManager,
     keys: Keys,
     scripts: std::sync::Arc<Scripts>,
+    leases: LeaseSettings,
 }
 
 impl Counters {
@@ -350,6 +524,19 @@ impl Counters {
                 include_str!("scripts/admit_many.lua")
             )),
             refund: Script::new(include_str!("scripts/refund.lua")),
+            lease_grant: Script::new(concat!(
+                include_str!("scripts/lease_core.lua"),
+                include_str!("scripts/lease_grant.lua")
+            )),
+            lease_return: Script::new(concat!(
+                include_str!("scripts/lease_core.lua"),
+                include_str!("scripts/lease_return.lua")
+            )),
+            lease_writeoff: Script::new(concat!(
+                include_str!("scripts/lease_core.lua"),
+                include_str!("scripts/lease_writeoff.lua")
+            )),
+            lease_refund: Script::new(include_str!("scripts/lease_refund.lua")),
             load_credits: Script::new(include_str!("scripts/load_credits.lua")),
             grant: Script::new(include_str!("scripts/grant.lua")),
             seal: Script::new(include_str!("scripts/seal.lua")),
@@ -360,6 +547,7 @@ impl Counters {
             connection,
             keys,
             scripts: std::sync::Arc::new(scripts),
+            leases: LeaseSettings::default(),
         };
         counters.load_admit_script().await?;
         Ok(counters)
@@ -370,6 +558,17 @@ impl Counters {
         &self.keys
     }
 
+    /// Returns these counters granting leases under `settings` (instead of the defaults).
+    pub fn with_lease_settings(mut self, settings: LeaseSettings) -> Self {
+        self.leases = settings;
+        self
+    }
+
+    /// Returns the lease settings in use.
+    pub fn lease_settings(&self) -> LeaseSettings {
+        self.leases
+    }
+
     async fn load_admit_script(&self) -> redis::RedisResult<()> {
         let mut connection = self.connection.clone();
         for script in [&self.scripts.admit, &self.scripts.admit_many] {
@@ -378,9 +577,13 @@ impl Counters {
         Ok(())
     }
 
-    fn admit_invocation<'a>(&'a self, admission: &Admission) -> redis::ScriptInvocation<'a> {
+    fn admit_invocation<'a>(
+        &'a self,
+        admission: &Admission,
+        finality: Finality,
+    ) -> redis::ScriptInvocation<'a> {
         let mut invocation = self.scripts.admit.prepare_invoke();
-        self.add_admission(&mut invocation, admission);
+        self.add_admission(&mut invocation, admission, finality);
         invocation
     }
 
@@ -391,13 +594,18 @@ impl Counters {
     ) -> redis::ScriptInvocation<'a> {
         let mut invocation = self.scripts.admit_many.prepare_invoke();
         for admission in admissions {
-            self.add_admission(&mut invocation, admission);
+            self.add_admission(&mut invocation, admission, Finality::MayRecall);
         }
         invocation
     }
 
-    /// Appends the 5 keys and 11 arguments of one request (see `scripts/admit_core.lua`).
-    fn add_admission(&self, invocation: &mut redis::ScriptInvocation<'_>, admission: &Admission) {
+    /// Appends the 6 keys and 12 arguments of one request (see `scripts/admit_core.lua`).
+    fn add_admission(
+        &self,
+        invocation: &mut redis::ScriptInvocation<'_>,
+        admission: &Admission,
+        finality: Finality,
+    ) {
         for key in self.keys.admission(admission) {
             invocation.key(key);
         }
@@ -416,14 +624,28 @@ impl Counters {
             .arg(admission.period_end_ms)
             .arg(admission.outbox_field())
             .arg(REQUEST_TTL_SECONDS)
-            .arg(QUOTA_RETENTION_MS);
+            .arg(QUOTA_RETENTION_MS)
+            .arg(u8::from(finality == Finality::Final));
     }
 
-    /// Decides one request in one round trip.
+    /// Decides one request in one round trip; `Verdict::HeldElsewhere` when leases hold what it needs.
     pub async fn admit(&self, admission: &Admission) -> redis::RedisResult<Decision> {
+        self.admit_with(admission, Finality::MayRecall).await
+    }
+
+    /// Decides one request for good: never `Verdict::HeldElsewhere` (after a recall).
+    pub async fn admit_final(&self, admission: &Admission) -> redis::RedisResult<Decision> {
+        self.admit_with(admission, Finality::Final).await
+    }
+
+    async fn admit_with(
+        &self,
+        admission: &Admission,
+        finality: Finality,
+    ) -> redis::RedisResult<Decision> {
         let mut connection = self.connection.clone();
         let reply: Vec<i64> = self
-            .admit_invocation(admission)
+            .admit_invocation(admission, finality)
             .invoke_async(&mut connection)
             .await?;
         Decision::from_reply(&reply)
@@ -454,7 +676,8 @@ impl Counters {
         pipeline.ignore_errors();
         for group in &groups {
             match group.as_slice() {
-                [only] => pipeline.invoke_script(&self.admit_invocation(&admissions[*only])),
+                [only] => pipeline
+                    .invoke_script(&self.admit_invocation(&admissions[*only], Finality::MayRecall)),
                 _ => pipeline.invoke_script(
                     &self.admit_many_invocation(group.iter().map(|&index| &admissions[index])),
                 ),
@@ -750,6 +973,7 @@ impl Counters {
             .key(self.keys.credits(customer))
             .key(self.keys.outbox(customer))
             .key(self.keys.sealed(customer))
+            .key(self.keys.leases(customer))
             .arg(version)
             .arg(ledger.balance_micros)
             .arg(ledger.as_of_sequence)
@@ -905,6 +1129,334 @@ impl Counters {
     }
 }
 
+impl Counters {
+    /// Grants one lease (see `scripts/lease_grant.lua`); the lease is entered in `P:leases` first, so a
+    /// grant whose answer is lost is still written off in time.
+    pub async fn grant_lease(&self, ask: &LeaseAsk) -> redis::RedisResult<LeaseGrant> {
+        let mut connection = self.connection.clone();
+        let member = format!("{}/{}", ask.customer, ask.lease);
+        let due_ms = epoch_ms() + duration_ms(self.leases.ttl) + duration_ms(self.leases.grace);
+        let _: i64 = redis::cmd("ZADD")
+            .arg(self.keys.lease_deadlines())
+            .arg(due_ms)
+            .arg(&member)
+            .query_async(&mut connection)
+            .await?;
+        let (pays_with_credits, unit_price) = match ask.overage {
+            Overage::Block => (0, 0),
+            Overage::Credits { unit_price_micros } => (1, unit_price_micros),
+        };
+        let customer = ask.customer;
+        let reply: Vec<i64> = self
+            .scripts
+            .lease_grant
+            .key(self.keys.leases(customer))
+            .key(self.keys.lease_grant(customer, ask.lease))
+            .key(self.keys.rate(customer))
+            .key(
+                self.keys
+                    .quota(customer, ask.subscription, ask.period_start_ms),
+            )
+            .key(self.keys.credits(customer))
+            .arg(ask.holder.to_string())
+            .arg(ask.lease.to_string())
+            .arg(ask.units_wanted)
+            .arg(ask.slots_wanted)
+            .arg(ask.min_units)
+            .arg(ask.rate_limit)
+            .arg(ask.rate_period_ms)
+            .arg(ask.burst)
+            .arg(ask.included_units)
+            .arg(pays_with_credits)
+            .arg(unit_price)
+            .arg(ask.period_end_ms)
+            .arg(duration_ms(self.leases.ttl))
+            .arg(duration_ms(self.leases.grace))
+            .arg(REQUEST_TTL_SECONDS)
+            .arg(QUOTA_RETENTION_MS)
+            .arg(self.keys.customer(customer))
+            .arg(format!("{}|{}", ask.subscription, ask.period_start_ms))
+            .invoke_async(&mut connection)
+            .await?;
+        let grant = lease_grant_from_reply(&reply)?;
+        if grant.is_empty() && !grant.replayed {
+            let _: i64 = redis::cmd("ZREM")
+                .arg(self.keys.lease_deadlines())
+                .arg(&member)
+                .query_async(&mut connection)
+                .await?;
+        }
+        Ok(grant)
+    }
+
+    /// Returns one lease (see `scripts/lease_return.lua`), then takes it out of `P:leases` and announces
+    /// the return on `P:returned`.
+    pub async fn return_lease(&self, lease: &LeaseReturn) -> redis::RedisResult<LeaseOutcome> {
+        let mut connection = self.connection.clone();
+        let customer = lease.customer;
+        let reply: Vec<i64> = self
+            .scripts
+            .lease_return
+            .key(self.keys.leases(customer))
+            .key(self.keys.lease_returned(customer, lease.lease))
+            .key(self.keys.rate(customer))
+            .key(self.keys.credits(customer))
+            .key(self.keys.outbox(customer))
+            .arg(lease.lease.to_string())
+            .arg(lease.holder.to_string())
+            .arg(lease.units_spent)
+            .arg(lease.first_unused_slot)
+            .arg(duration_ms(self.leases.grace))
+            .arg(REQUEST_TTL_SECONDS)
+            .invoke_async(&mut connection)
+            .await?;
+        let outcome = match reply.as_slice() {
+            [1, given_back, _] => LeaseOutcome::Returned {
+                units_given_back: *given_back,
+            },
+            [2, given_back, _] => LeaseOutcome::AlreadyReturned {
+                units_given_back: *given_back,
+            },
+            [3, _, now] => LeaseOutcome::WrittenOff { now: *now == 1 },
+            [4, _, _] => LeaseOutcome::Unknown,
+            [5, _, _] => LeaseOutcome::Overspent,
+            _ => return Err(unexpected_reply("lease_return")),
+        };
+        if matches!(
+            outcome,
+            LeaseOutcome::Returned { .. } | LeaseOutcome::WrittenOff { now: true }
+        ) {
+            let _: i64 = redis::cmd("ZREM")
+                .arg(self.keys.lease_deadlines())
+                .arg(format!("{customer}/{}", lease.lease))
+                .query_async(&mut connection)
+                .await?;
+            self.announce_returned(customer).await?;
+        }
+        Ok(outcome)
+    }
+
+    /// Returns up to `limit` entries of `P:leases` due by `now_ms` (this host's clock), as (customer,
+    /// lease) pairs; entries that do not parse are dropped from the set.
+    pub async fn leases_due(
+        &self,
+        now_ms: i64,
+        limit: usize,
+    ) -> redis::RedisResult<Vec<(Uuid, Uuid)>> {
+        let mut connection = self.connection.clone();
+        let members: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(self.keys.lease_deadlines())
+            .arg("-inf")
+            .arg(now_ms)
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit)
+            .query_async(&mut connection)
+            .await?;
+        let mut due = Vec::with_capacity(members.len());
+        for member in members {
+            match parse_lease_member(&member) {
+                Some(pair) => due.push(pair),
+                None => {
+                    let _: i64 = redis::cmd("ZREM")
+                        .arg(self.keys.lease_deadlines())
+                        .arg(&member)
+                        .query_async(&mut connection)
+                        .await?;
+                }
+            }
+        }
+        Ok(due)
+    }
+
+    /// Writes off `lease` of `customer` when its deadline and grace passed (see
+    /// `scripts/lease_writeoff.lua`), and keeps `P:leases` in step: the entry goes unless the lease is not
+    /// due yet, in which case it moves to when it is.
+    pub async fn write_off_lease(
+        &self,
+        customer: Uuid,
+        lease: Uuid,
+    ) -> redis::RedisResult<WriteOff> {
+        let mut connection = self.connection.clone();
+        let reply: Vec<i64> = self
+            .scripts
+            .lease_writeoff
+            .key(self.keys.leases(customer))
+            .key(self.keys.credits(customer))
+            .key(self.keys.lease_returned(customer, lease))
+            .arg(lease.to_string())
+            .arg(duration_ms(self.leases.grace))
+            .arg(REQUEST_TTL_SECONDS)
+            .invoke_async(&mut connection)
+            .await?;
+        let outcome = match reply.as_slice() {
+            [0] => WriteOff::Gone,
+            [1] => WriteOff::WrittenOff,
+            [2, due_ms] => WriteOff::NotDue(*due_ms),
+            _ => return Err(unexpected_reply("lease_writeoff")),
+        };
+        let member = format!("{customer}/{lease}");
+        match outcome {
+            WriteOff::NotDue(due_ms) => {
+                let _: i64 = redis::cmd("ZADD")
+                    .arg(self.keys.lease_deadlines())
+                    .arg(due_ms)
+                    .arg(&member)
+                    .query_async(&mut connection)
+                    .await?;
+            }
+            WriteOff::Gone | WriteOff::WrittenOff => {
+                let _: i64 = redis::cmd("ZREM")
+                    .arg(self.keys.lease_deadlines())
+                    .arg(&member)
+                    .query_async(&mut connection)
+                    .await?;
+            }
+        }
+        if outcome == WriteOff::WrittenOff {
+            self.announce_returned(customer).await?;
+        }
+        Ok(outcome)
+    }
+
+    /// Refunds `units` of request `request_id` admitted from `lease` after the lease was returned, once
+    /// per request id (see `scripts/lease_refund.lua`).
+    pub async fn refund_from_lease(
+        &self,
+        customer: Uuid,
+        lease: Uuid,
+        request_id: &str,
+        units: i64,
+    ) -> redis::RedisResult<Refunded> {
+        let mut connection = self.connection.clone();
+        let reply: Vec<i64> = self
+            .scripts
+            .lease_refund
+            .key(self.keys.lease_returned(customer, lease))
+            .key(self.keys.lease_refund(customer, request_id))
+            .key(self.keys.credits(customer))
+            .key(self.keys.outbox(customer))
+            .arg(units)
+            .arg(REQUEST_TTL_SECONDS)
+            .invoke_async(&mut connection)
+            .await?;
+        match reply.as_slice() {
+            [refunded, units, credits] => Ok(Refunded {
+                refunded: *refunded == 1,
+                units: *units,
+                credits: *credits,
+            }),
+            _ => Err(unexpected_reply("lease_refund")),
+        }
+    }
+
+    /// Returns the customer's outstanding leases (for a recall).
+    pub async fn held_leases(&self, customer: Uuid) -> redis::RedisResult<Vec<HeldLease>> {
+        let mut connection = self.connection.clone();
+        let fields: Vec<(String, String)> = redis::cmd("HGETALL")
+            .arg(self.keys.leases(customer))
+            .query_async(&mut connection)
+            .await?;
+        Ok(fields
+            .iter()
+            .filter(|(lease, _)| !lease.starts_with('_'))
+            .filter_map(|(lease, record)| parse_held_lease(lease, record))
+            .collect())
+    }
+
+    /// Publishes a recall of `customer`'s leases held by `holders` to every usage replica.
+    pub async fn publish_recall(&self, customer: Uuid, holders: &[Uuid]) -> redis::RedisResult<()> {
+        let mut connection = self.connection.clone();
+        let mut message = customer.to_string();
+        for holder in holders {
+            message.push(' ');
+            message.push_str(&holder.to_string());
+        }
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg(self.keys.recall_channel())
+            .arg(message)
+            .query_async(&mut connection)
+            .await?;
+        Ok(())
+    }
+
+    async fn announce_returned(&self, customer: Uuid) -> redis::RedisResult<()> {
+        let mut connection = self.connection.clone();
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg(self.keys.returned_channel())
+            .arg(customer.to_string())
+            .query_async(&mut connection)
+            .await?;
+        Ok(())
+    }
+}
+
+fn lease_grant_from_reply(reply: &[i64]) -> redis::RedisResult<LeaseGrant> {
+    let [
+        replayed,
+        quota_units,
+        credit_units,
+        unit_price,
+        slots,
+        offset_us,
+        emission_us,
+        tolerance_us,
+        ttl_ms,
+        quota_used,
+        quota_limit,
+        credits_remaining,
+        written_off,
+    ] = reply
+    else {
+        return Err(unexpected_reply("lease_grant"));
+    };
+    let unsigned = |value: &i64| u64::try_from(*value).map_err(|_| unexpected_reply("lease_grant"));
+    Ok(LeaseGrant {
+        replayed: *replayed == 1,
+        quota_units: *quota_units,
+        credit_units: *credit_units,
+        unit_price_micros: *unit_price,
+        slots: u32::try_from(*slots).map_err(|_| unexpected_reply("lease_grant"))?,
+        first_slot_offset_us: unsigned(offset_us)?,
+        emission_us: unsigned(emission_us)?,
+        tolerance_us: unsigned(tolerance_us)?,
+        ttl_ms: unsigned(ttl_ms)?,
+        quota_used: *quota_used,
+        quota_limit: *quota_limit,
+        credits_remaining: *credits_remaining,
+        written_off: u32::try_from(*written_off).unwrap_or(0),
+    })
+}
+
+/// Parses a `P:leases` member, "<customer>/<lease id>".
+fn parse_lease_member(member: &str) -> Option<(Uuid, Uuid)> {
+    let (customer, lease) = member.split_once('/')?;
+    Some((
+        Uuid::parse_str(customer).ok()?,
+        Uuid::parse_str(lease).ok()?,
+    ))
+}
+
+/// Parses the holder and deadline of a lease record (`scripts/lease_core.lua`).
+fn parse_held_lease(lease: &str, record: &str) -> Option<HeldLease> {
+    let fields: Vec<&str> = record.split(';').collect();
+    Some(HeldLease {
+        lease: lease.to_owned(),
+        holder: Uuid::parse_str(fields.first()?).ok()?,
+        deadline_ms: fields.get(8)?.parse().ok()?,
+    })
+}
+
+fn duration_ms(duration: std::time::Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn epoch_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, duration_ms)
+}
+
 fn is_noscript<T>(reply: &redis::RedisResult<T>) -> bool {
     matches!(reply, Err(error) if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript))
 }
@@ -912,6 +1464,55 @@ fn is_noscript<T>(reply: &redis::RedisResult<T>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lease_members_and_records_parse_back() {
+        let customer = Uuid::new_v4();
+        let lease = Uuid::new_v4();
+        let holder = Uuid::new_v4();
+        let record =
+            format!("{holder};10;0;0;5;1000;20000;101000;1764000000000;pg:{{c:x}}:q:s:0;s|0");
+
+        assert_eq!(
+            parse_lease_member(&format!("{customer}/{lease}")),
+            Some((customer, lease))
+        );
+        assert_eq!(parse_lease_member("not-a-member"), None);
+        assert_eq!(
+            parse_held_lease("l-1", &record),
+            Some(HeldLease {
+                lease: "l-1".to_owned(),
+                holder,
+                deadline_ms: 1_764_000_000_000,
+            })
+        );
+    }
+
+    #[test]
+    fn a_grant_reply_parses_and_a_negative_slot_figure_is_refused() {
+        let reply = [
+            0, 50, 0, 0, 4, 2_000, 100_000, 1_000_000, 2_000, 50, 100, -1, 1,
+        ];
+
+        let grant = lease_grant_from_reply(&reply).expect("a valid reply");
+        let broken = lease_grant_from_reply(&[
+            0, 50, 0, 0, 4, -5, 100_000, 1_000_000, 2_000, 50, 100, -1, 0,
+        ]);
+
+        assert_eq!(grant.quota_units, 50);
+        assert_eq!(
+            (
+                grant.slots,
+                grant.first_slot_offset_us,
+                grant.emission_us,
+                grant.tolerance_us
+            ),
+            (4, 2_000, 100_000, 1_000_000)
+        );
+        assert_eq!((grant.credits_remaining, grant.written_off), (-1, 1));
+        assert!(!grant.is_empty() && !grant.replayed);
+        assert!(broken.is_err());
+    }
 
     #[test]
     fn outbox_keys_name_their_customer_and_nothing_else_matches() {
@@ -964,6 +1565,10 @@ mod tests {
             keys.request(customer, "r-1"),
             keys.outbox(customer),
             keys.sealed(customer),
+            keys.leases(customer),
+            keys.lease_grant(customer, Uuid::new_v4()),
+            keys.lease_returned(customer, Uuid::new_v4()),
+            keys.lease_refund(customer, "r-1"),
         ];
 
         assert!(

@@ -64,6 +64,11 @@ impl RedisProbe {
         Self { client, shared }
     }
 
+    /// Returns a client of the probed Redis (for connections of their own, such as pub/sub).
+    pub fn client(&self) -> redis::Client {
+        self.client.clone()
+    }
+
     /// Starts probing every `PROBE_INTERVAL` until `stop` is cancelled; reports SERVING / NOT_SERVING for
     /// `services` (and the server as a whole, `""`) on `reporter`. Redis counts as reachable at first
     /// (usage starts only once it has answered).

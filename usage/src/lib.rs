@@ -10,6 +10,7 @@
 //! - `reconcile`: repairs credit mirrors toward billing's ledger after Redis lost writes
 //! - `error`: the service's error type and its mapping to gRPC status
 //! - `health`: the Redis probe behind gRPC health and the refusal of calls while Redis is unreachable
+//! - `leases`: lease recalls across replicas (Redis pub/sub) and the sweep that writes off lost leases
 
 pub mod config;
 pub mod counters;
@@ -17,6 +18,7 @@ pub mod error;
 pub mod feed;
 pub mod grpc;
 pub mod health;
+pub mod leases;
 pub mod reconcile;
 pub mod reports;
 
@@ -33,7 +35,7 @@ use proto::{
 use tonic::{Status, server::NamedService, service::Interceptor};
 
 pub use config::Config;
-pub use counters::{Counters, Keys};
+pub use counters::{Counters, Keys, LeaseSettings};
 pub use grpc::BillingClient;
 pub use health::RedisProbe;
 
@@ -132,6 +134,9 @@ const REDIS_CONNECT_TIMEOUT: Duration = Duration::from_millis(250);
 /// How long a command may wait for its answer on the shared connection.
 const REDIS_RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long usage waits at start for its subscription to lease recalls.
+const SUBSCRIBE_LIMIT: Duration = Duration::from_secs(2);
+
 /// How long usage waits at start for a Redis that is still loading its data.
 const REDIS_LOADING_LIMIT: Duration = Duration::from_secs(300);
 
@@ -215,6 +220,14 @@ pub async fn serve(
     ] {
         metrics::counter!("paygate_usage_admissions_total", "outcome" => outcome).increment(0);
     }
+    for lease_counter in [
+        "paygate_usage_leases_granted_total",
+        "paygate_usage_leases_returned_total",
+        "paygate_usage_leases_recalled_total",
+        "paygate_usage_leases_written_off_total",
+    ] {
+        metrics::counter!(lease_counter).increment(0);
+    }
     metrics::gauge!("paygate_usage_outbox_customers").set(0.0);
     metrics::gauge!("paygate_usage_report_lag_seconds").set(0.0);
     let dirty = grpc::DirtyCustomers::default();
@@ -230,6 +243,18 @@ pub async fn serve(
     tokio::spawn(reconciler.run(settings.reconcile_interval, stop.clone()));
     let following =
         tokio::spawn(feed::FeedFollower::new(counters.clone(), billing.clone()).run(stop.clone()));
+    let broker = leases::RecallBroker::default();
+    tokio::spawn(broker.clone().run(
+        redis.client(),
+        counters.keys().recall_channel(),
+        counters.keys().returned_channel(),
+        stop.clone(),
+    ));
+    tokio::spawn(leases::sweep(counters.clone(), stop.clone()));
+    // A recall published before the subscription would be lost; serving a little later costs nothing.
+    if !broker.wait_until_subscribed(SUBSCRIBE_LIMIT).await {
+        tracing::warn!("lease recalls not subscribed yet; serving anyway");
+    }
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<UsageServer<grpc::UsageApi>>().await;
@@ -240,7 +265,7 @@ pub async fn serve(
         stop_probing.clone(),
     );
     let api = UsageServer::with_interceptor(
-        grpc::UsageApi::new(counters, billing, dirty),
+        grpc::UsageApi::new(counters, billing, dirty, broker.clone()),
         RefuseWhileRedisDown {
             auth: proto::auth::BearerAuth::new(&settings.service_token),
             redis: redis_health,
@@ -248,6 +273,7 @@ pub async fn serve(
     );
     let stop_accepting = async move {
         shutdown.await;
+        broker.close();
         // The probe must not report SERVING again once draining has begun.
         stop_probing.cancel();
         let _ = probing.await;

@@ -58,9 +58,11 @@ async fn run(config: usage::Config) -> anyhow::Result<()> {
         .await
         .context("REDIS_URL")?;
     let probe = usage::RedisProbe::with_client(redis_client, redis.clone());
+    let lease_settings = config.lease_settings()?;
     let counters = usage::Counters::new(redis, usage::Keys::new(config.key_prefix.clone()))
         .await
-        .context("failed to load the admission script into redis")?;
+        .context("failed to load the admission script into redis")?
+        .with_lease_settings(lease_settings);
     usage::check_durability(&counters, config.allow_volatile_redis).await?;
     let billing = usage::billing_client_trusting(
         &config.billing_url,

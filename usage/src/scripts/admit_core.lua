@@ -4,16 +4,20 @@
 -- leaves no partial state, and a refused request takes nothing. Only admissions are remembered (by request
 -- id); a refused request is decided afresh when retried, since it took nothing.
 --
--- keys (5 per request): 1 rate (string, TAT in µs)  2 quota (string, units used)  3 credits (hash b=balance
+-- keys (6 per request): 1 rate (string, TAT in µs)  2 quota (string, units used)  3 credits (hash b=balance
 --   s=seq)  4 request record (string "<answer csv>;<units>;<from quota>;<credits>;<quota key>;<field>;
---   <refunded>")  5 outbox (hash of net spending not yet sealed for billing)
--- args (11 per request): 1 units  2 rate_limit  3 rate_period_ms  4 burst  5 included_units  6 overage (0
+--   <refunded>")  5 outbox (hash of net spending not yet sealed for billing)  6 outstanding leases (hash,
+--   see lease_core.lua; only its aggregates `_q`, `_c`, `_s` are read)
+-- args (12 per request): 1 units  2 rate_limit  3 rate_period_ms  4 burst  5 included_units  6 overage (0
 --   block, 1 credits)  7 unit_price_micros  8 period_end_ms  9 outbox field suffix ("<subscription>|<period
---   start ms>")  10 request ttl (s)  11 quota retention after period end (ms)
+--   start ms>")  10 request ttl (s)  11 quota retention after period end (ms)  12 final (1: decide for
+--   good, never "held elsewhere")
 -- Answer per request: {decision, replayed, quota_used, quota_limit, units_from_quota, credits_taken,
 --   credits_remaining, retry_after_ms, rate_remaining, rate_reset_ms}, or an error reply.
 -- decision: 1 admitted, 2 rate_limited, 3 quota_exhausted, 4 credits_exhausted, 5 credits not loaded (the
--- caller loads them from billing and asks again; nothing was written).
+-- caller loads them from billing and asks again; nothing was written), 6 held elsewhere: the request would
+-- be refused, or would spend credits, while outstanding leases hold units (or slots) that could serve it;
+-- nothing was written, the caller recalls those leases and decides again with `final` set.
 
 -- Reads go through pcall, so a wrong-typed key becomes this request's error reply instead of aborting a
 -- call that may already have admitted other requests.
@@ -39,9 +43,21 @@ end
 local checked_outboxes = {}
 local now_us = nil
 
+-- The outstanding leases' aggregates {quota units, credit micros, slots}; zeros when the decision is final.
+local function leased(leases_key, final)
+  if final then
+    return {0, 0, 0}
+  end
+  local values, failure = read('HMGET', leases_key, '_q', '_c', '_s')
+  if failure then
+    return nil, failure
+  end
+  return {tonumber(values[1] or '0') or 0, tonumber(values[2] or '0') or 0, tonumber(values[3] or '0') or 0}
+end
+
 local function admit(keys, k, args, a)
-  local rate_key, quota_key, credits_key, request_key, outbox_key =
-    keys[k + 1], keys[k + 2], keys[k + 3], keys[k + 4], keys[k + 5]
+  local rate_key, quota_key, credits_key, request_key, outbox_key, leases_key =
+    keys[k + 1], keys[k + 2], keys[k + 3], keys[k + 4], keys[k + 5], keys[k + 6]
 
   -- The outbox is only ever written, so its type is checked here (once per call).
   if not checked_outboxes[outbox_key] then
@@ -79,6 +95,10 @@ local function admit(keys, k, args, a)
   local unit_price = tonumber(args[a + 7])
   local period_end_ms = tonumber(args[a + 8])
   local field = args[a + 9]
+  local held, failure = leased(leases_key, args[a + 12] == '1')
+  if failure then
+    return failure
+  end
 
   if not now_us then
     local clock = redis.call('TIME')
@@ -103,6 +123,9 @@ local function admit(keys, k, args, a)
     local tat = math.max(stored_tat, now_us)
     new_tat = tat + emission_us
     if new_tat - now_us > tolerance_us then
+      if held[3] > 0 then
+        return {6, 0, 0, included, 0, 0, -1, 0, 0, 0}
+      end
       local retry_after_ms = math.ceil((new_tat - tolerance_us - now_us) / 1000)
       local reset_ms = math.ceil((tat - now_us) / 1000)
       return {2, 0, 0, included, 0, 0, -1, retry_after_ms, 0, reset_ms}
@@ -133,6 +156,9 @@ local function admit(keys, k, args, a)
   local balance = -1
   if overage > 0 then
     if not pays_with_credits then
+      if held[1] > 0 then
+        return {6, 0, used, included, 0, 0, -1, 0, rate_remaining, rate_reset_ms}
+      end
       return {3, 0, used, included, 0, 0, -1, 0, rate_remaining, rate_reset_ms}
     end
     if not stored_balance then
@@ -143,6 +169,11 @@ local function admit(keys, k, args, a)
       return failure
     end
     cost = overage * unit_price
+    -- Credits are never spent while included units are parked in a lease, nor refused while leases
+    -- hold units that could pay.
+    if held[1] > 0 or (cost > balance and held[2] > 0) then
+      return {6, 0, used, included, 0, 0, balance, 0, rate_remaining, rate_reset_ms}
+    end
     if cost > balance then
       return {4, 0, used, included, 0, 0, balance, 0, rate_remaining, rate_reset_ms}
     end

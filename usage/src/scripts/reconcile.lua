@@ -10,13 +10,16 @@
 -- skips: it may hold spending billing has charged already (the lost seal's), and the rest is not charged,
 -- in the customer's favour; either way it is not subtracted. Once a sealed outbox is acknowledged, the
 -- acknowledgement lifts the number past billing's, and what is sealed after that is charged.
--- KEYS: 1 credits (hash b, s, n, v)  2 outbox  3 sealed
+-- Credits in outstanding leases and credits written off (`w`) are out of the mirror and not in the ledger:
+-- the first come back or reach the outbox at the lease's return, the second never do (never billed, never
+-- spendable again), so both are subtracted too.
+-- KEYS: 1 credits (hash b, s, n, v, w)  2 outbox  3 sealed  4 outstanding leases (hash; `_c` credit micros)
 -- ARGV: 1 version read before the snapshot  2 ledger balance  3 feed sequence of the snapshot
 --       4 last outbox number billing applied
 -- Returns: {status, balance before, balance after, behind}
 --   status: 0 nothing to repair, 1 repaired, 2 not loaded (nothing to compare), 3 changed since `version`
 --   behind: 1 when billing's outbox number was ahead of Redis's (Redis lost writes)
-local state = redis.call('HMGET', KEYS[1], 'b', 'v', 'n')
+local state = redis.call('HMGET', KEYS[1], 'b', 'v', 'n', 'w')
 local billed = tonumber(ARGV[4])
 local numbered = tonumber(state[3] or '0')
 local behind = 0
@@ -67,6 +70,8 @@ end
 if #sealed > 0 or behind == 0 then
   unreported = unreported + credits_in(open)
 end
+
+unreported = unreported + tonumber(state[4] or '0') + tonumber(redis.call('HGET', KEYS[4], '_c') or '0')
 
 local balance = tonumber(state[1])
 local expected = math.max(tonumber(ARGV[2]) - unreported, 0)
