@@ -763,3 +763,83 @@ fn instant_to_proto(instant: OffsetDateTime) -> prost_types::Timestamp {
         nanos: i32::try_from(nanos.rem_euclid(1_000_000_000)).unwrap_or(0),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_admission_carries_the_entitlements_period_and_limits_to_usage_unchanged() {
+        let limits = billing_pb::Limits {
+            included_units: 100,
+            rate_limit: 5,
+            rate_period_ms: 1_000,
+            burst: 2,
+            overage_mode: billing_pb::OverageMode::Credits.into(),
+            unit_price_micros: 250,
+        };
+        let start = prost_types::Timestamp {
+            seconds: 1_764_547_200,
+            nanos: 123_456_789,
+        };
+        let end = prost_types::Timestamp {
+            seconds: 1_767_225_600,
+            nanos: 0,
+        };
+        let entitlement = entitlement_from_proto(billing_pb::Entitlement {
+            customer_id: "cus".to_owned(),
+            subscription_id: "sub".to_owned(),
+            limits: Some(limits.clone()),
+            period_start: Some(start),
+            period_end: Some(end),
+            ..billing_pb::Entitlement::default()
+        });
+
+        let request = admission_to_proto(&Admission {
+            id: "adm",
+            entitlement: &entitlement,
+            units: 3,
+        });
+
+        assert_eq!(request.limits, Some(limits));
+        assert_eq!(request.period_start, Some(start));
+        assert_eq!(request.period_end, Some(end));
+        assert_eq!(
+            (
+                request.request_id.as_str(),
+                request.customer_id.as_str(),
+                request.subscription_id.as_str(),
+                request.units
+            ),
+            ("adm", "cus", "sub", 3)
+        );
+    }
+
+    #[test]
+    fn an_unspecified_standing_means_no_subscription_and_missing_limits_are_zero() {
+        let entitlement = entitlement_from_proto(billing_pb::Entitlement::default());
+
+        assert_eq!(entitlement.standing, Standing::NoSubscription);
+        assert_eq!(entitlement.limits, Limits::default());
+        assert_eq!(
+            admission_to_proto(&Admission {
+                id: "adm",
+                entitlement: &entitlement,
+                units: 1,
+            })
+            .limits,
+            Some(billing_pb::Limits::default())
+        );
+    }
+
+    #[test]
+    fn credits_usage_has_not_loaded_are_none_and_an_unknown_decision_refuses() {
+        let outcome = outcome_from_proto(usage_pb::AdmitResponse {
+            credits_remaining_micros: -1,
+            ..usage_pb::AdmitResponse::default()
+        });
+
+        assert_eq!(outcome.credits_remaining_micros, None);
+        assert_eq!(outcome.decision, AdmissionDecision::CreditsExhausted);
+    }
+}

@@ -191,3 +191,52 @@ fn actions(code: Code, links: &RoutesFile) -> Option<Actions> {
     .flatten();
     (top_up.is_some() || upgrade.is_some()).then_some(Actions { top_up, upgrade })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn links() -> RoutesFile {
+        toml::from_str(
+            r#"
+top_up_url = "https://example.com/top-up"
+routes = []
+"#,
+        )
+        .expect("routes file")
+    }
+
+    #[test]
+    fn a_refusal_answers_with_its_problem_and_the_headers_it_carries() {
+        let refusal = Refusal::new(Code::CreditsExhausted)
+            .with_retry_after(7)
+            .closing_connection();
+
+        let response = refusal.into_response(&links());
+
+        assert_eq!(response.status(), StatusCode::PAYMENT_REQUIRED);
+        let answer = response.headers();
+        assert_eq!(answer[header::CONTENT_TYPE], "application/problem+json");
+        assert_eq!(answer[header::CACHE_CONTROL], "no-store");
+        assert_eq!(answer[header::RETRY_AFTER], "7");
+        assert_eq!(answer[header::CONNECTION], "close");
+        assert!(!answer.contains_key(header::WWW_AUTHENTICATE));
+    }
+
+    #[test]
+    fn an_unauthorized_refusal_names_the_bearer_scheme() {
+        let response = Refusal::new(Code::InvalidApiKey).into_response(&links());
+
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        assert!(response.headers().contains_key(header::WWW_AUTHENTICATE));
+        assert!(!response.headers().contains_key(header::CONNECTION));
+    }
+
+    #[test]
+    fn a_client_body_that_broke_its_framing_closes_the_connection() {
+        let refusal = Refusal::from(UpstreamFailure::BadClientBody);
+
+        assert_eq!(refusal.code(), Code::BadRequest);
+        assert!(refusal.0.close_connection);
+    }
+}
