@@ -34,6 +34,12 @@ use proto::{
     billing::v1::{self as billing_pb, entitlements_client::EntitlementsClient},
     usage::v1::{self as usage_pb, usage_client::UsageClient},
 };
+use time::OffsetDateTime;
+
+use crate::{
+    decision::{Admission, AdmissionDecision, AdmissionOutcome},
+    entitlements::{Entitlement, Limits, Overage, Standing},
+};
 
 /// A client of billing's internal API, carrying the service token.
 pub type BillingClient = EntitlementsClient<InterceptedService<Channel, BearerToken>>;
@@ -219,6 +225,17 @@ pub enum BackendError {
     Failed(tonic::Status),
 }
 
+impl BackendError {
+    /// Returns the `kind` label of `paygate_gateway_backend_errors_total` for this error.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::CircuitOpen => "circuit_open",
+            Self::Failed(status) if status.code() == Code::DeadlineExceeded => "deadline",
+            Self::Failed(_) => "failed",
+        }
+    }
+}
+
 /// Most admissions one `AdmitBatch` carries (usage accepts up to 1,000).
 const MAX_BATCH: usize = 256;
 /// Admission batches out at once; two per core of a small gateway keeps both usage's cores busy.
@@ -325,10 +342,7 @@ impl Backends {
     }
 
     /// Resolves a key digest: `Ok(None)` when billing does not know it (or it is revoked or expired).
-    pub async fn resolve(
-        &self,
-        digest: [u8; 32],
-    ) -> Result<Option<billing_pb::Entitlement>, BackendError> {
+    pub async fn resolve(&self, digest: [u8; 32]) -> Result<Option<Entitlement>, BackendError> {
         if !self.billing_breaker.permitted() {
             return Err(BackendError::CircuitOpen);
         }
@@ -345,7 +359,7 @@ impl Backends {
         match outcome {
             Ok(Ok(answer)) => {
                 self.billing_breaker.on_success();
-                Ok(Some(answer.into_inner()))
+                Ok(Some(entitlement_from_proto(answer.into_inner())))
             }
             Ok(Err(status)) if status.code() == Code::NotFound => {
                 self.billing_breaker.on_success();
@@ -364,7 +378,13 @@ impl Backends {
     }
 
     /// Asks usage to admit one request (batched with whatever else is waiting).
-    pub async fn admit(
+    pub async fn admit(&self, admission: &Admission<'_>) -> Result<AdmissionOutcome, BackendError> {
+        self.admit_proto(admission_to_proto(admission))
+            .await
+            .map(outcome_from_proto)
+    }
+
+    async fn admit_proto(
         &self,
         admission: usage_pb::AdmitRequest,
     ) -> Result<usage_pb::AdmitResponse, BackendError> {
@@ -631,5 +651,196 @@ async fn admit_one(
         Err(_) => Err(BackendError::Failed(tonic::Status::deadline_exceeded(
             "usage did not answer in time",
         ))),
+    }
+}
+
+// Proto types stop here: billing's and usage's messages are converted to and from the gateway's own types
+// once, so the decision never reads a wire format.
+
+fn entitlement_from_proto(entitlement: billing_pb::Entitlement) -> Entitlement {
+    let standing = match entitlement.standing() {
+        billing_pb::Standing::Good => Standing::Good,
+        billing_pb::Standing::PastDueInGrace => Standing::PastDueInGrace,
+        billing_pb::Standing::PastDue => Standing::PastDue,
+        billing_pb::Standing::NoSubscription | billing_pb::Standing::Unspecified => {
+            Standing::NoSubscription
+        }
+        billing_pb::Standing::Inactive => Standing::Inactive,
+    };
+    Entitlement {
+        standing,
+        limits: entitlement
+            .limits
+            .map(limits_from_proto)
+            .unwrap_or_default(),
+        period_start: entitlement.period_start.and_then(instant_from_proto),
+        period_end: entitlement.period_end.and_then(instant_from_proto),
+        valid_until: entitlement.valid_until.and_then(instant_from_proto),
+        customer_id: entitlement.customer_id,
+        subscription_id: entitlement.subscription_id,
+        plan_code: entitlement.plan_code,
+        features: entitlement.features,
+        currency: entitlement.currency,
+    }
+}
+
+fn limits_from_proto(limits: billing_pb::Limits) -> Limits {
+    let overage = match limits.overage_mode() {
+        billing_pb::OverageMode::Unspecified => Overage::Unspecified,
+        billing_pb::OverageMode::Block => Overage::Block,
+        billing_pb::OverageMode::Credits => Overage::Credits,
+    };
+    Limits {
+        included_units: limits.included_units,
+        rate_limit: limits.rate_limit,
+        rate_period_ms: limits.rate_period_ms,
+        burst: limits.burst,
+        overage,
+        unit_price_micros: limits.unit_price_micros,
+    }
+}
+
+fn limits_to_proto(limits: &Limits) -> billing_pb::Limits {
+    let overage_mode = match limits.overage {
+        Overage::Unspecified => billing_pb::OverageMode::Unspecified,
+        Overage::Block => billing_pb::OverageMode::Block,
+        Overage::Credits => billing_pb::OverageMode::Credits,
+    };
+    billing_pb::Limits {
+        included_units: limits.included_units,
+        rate_limit: limits.rate_limit,
+        rate_period_ms: limits.rate_period_ms,
+        burst: limits.burst,
+        overage_mode: overage_mode.into(),
+        unit_price_micros: limits.unit_price_micros,
+    }
+}
+
+fn admission_to_proto(admission: &Admission<'_>) -> usage_pb::AdmitRequest {
+    let entitlement = admission.entitlement;
+    usage_pb::AdmitRequest {
+        request_id: admission.id.to_owned(),
+        customer_id: entitlement.customer_id.clone(),
+        subscription_id: entitlement.subscription_id.clone(),
+        units: admission.units,
+        limits: Some(limits_to_proto(&entitlement.limits)),
+        period_start: entitlement.period_start.map(instant_to_proto),
+        period_end: entitlement.period_end.map(instant_to_proto),
+    }
+}
+
+fn outcome_from_proto(answer: usage_pb::AdmitResponse) -> AdmissionOutcome {
+    let decision = match answer.decision() {
+        usage_pb::Decision::Admitted => AdmissionDecision::Admitted,
+        usage_pb::Decision::RateLimited => AdmissionDecision::RateLimited {
+            retry_after_ms: answer.retry_after_ms,
+        },
+        usage_pb::Decision::QuotaExhausted => AdmissionDecision::QuotaExhausted,
+        // A decision this gateway does not know is a refusal all the same, answered as the credits one.
+        usage_pb::Decision::CreditsExhausted | usage_pb::Decision::Unspecified => {
+            AdmissionDecision::CreditsExhausted
+        }
+    };
+    AdmissionOutcome {
+        decision,
+        quota_used: answer.quota_used,
+        quota_limit: answer.quota_limit,
+        quota_resets_at: answer.quota_resets_at.and_then(instant_from_proto),
+        credits_taken_micros: answer.credits_taken_micros,
+        credits_remaining_micros: (answer.credits_remaining_micros >= 0)
+            .then_some(answer.credits_remaining_micros),
+    }
+}
+
+fn instant_from_proto(timestamp: prost_types::Timestamp) -> Option<OffsetDateTime> {
+    let nanos = i128::from(timestamp.seconds) * 1_000_000_000 + i128::from(timestamp.nanos);
+    OffsetDateTime::from_unix_timestamp_nanos(nanos).ok()
+}
+
+fn instant_to_proto(instant: OffsetDateTime) -> prost_types::Timestamp {
+    let nanos = instant.unix_timestamp_nanos();
+    prost_types::Timestamp {
+        seconds: i64::try_from(nanos.div_euclid(1_000_000_000)).unwrap_or(i64::MAX),
+        nanos: i32::try_from(nanos.rem_euclid(1_000_000_000)).unwrap_or(0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_admission_carries_the_entitlements_period_and_limits_to_usage_unchanged() {
+        let limits = billing_pb::Limits {
+            included_units: 100,
+            rate_limit: 5,
+            rate_period_ms: 1_000,
+            burst: 2,
+            overage_mode: billing_pb::OverageMode::Credits.into(),
+            unit_price_micros: 250,
+        };
+        let start = prost_types::Timestamp {
+            seconds: 1_764_547_200,
+            nanos: 123_456_789,
+        };
+        let end = prost_types::Timestamp {
+            seconds: 1_767_225_600,
+            nanos: 0,
+        };
+        let entitlement = entitlement_from_proto(billing_pb::Entitlement {
+            customer_id: "cus".to_owned(),
+            subscription_id: "sub".to_owned(),
+            limits: Some(limits.clone()),
+            period_start: Some(start),
+            period_end: Some(end),
+            ..billing_pb::Entitlement::default()
+        });
+
+        let request = admission_to_proto(&Admission {
+            id: "adm",
+            entitlement: &entitlement,
+            units: 3,
+        });
+
+        assert_eq!(request.limits, Some(limits));
+        assert_eq!(request.period_start, Some(start));
+        assert_eq!(request.period_end, Some(end));
+        assert_eq!(
+            (
+                request.request_id.as_str(),
+                request.customer_id.as_str(),
+                request.subscription_id.as_str(),
+                request.units
+            ),
+            ("adm", "cus", "sub", 3)
+        );
+    }
+
+    #[test]
+    fn an_unspecified_standing_means_no_subscription_and_missing_limits_are_zero() {
+        let entitlement = entitlement_from_proto(billing_pb::Entitlement::default());
+
+        assert_eq!(entitlement.standing, Standing::NoSubscription);
+        assert_eq!(entitlement.limits, Limits::default());
+        assert_eq!(
+            admission_to_proto(&Admission {
+                id: "adm",
+                entitlement: &entitlement,
+                units: 1,
+            })
+            .limits,
+            Some(billing_pb::Limits::default())
+        );
+    }
+
+    #[test]
+    fn credits_usage_has_not_loaded_are_none_and_an_unknown_decision_refuses() {
+        let outcome = outcome_from_proto(usage_pb::AdmitResponse {
+            credits_remaining_micros: -1,
+            ..usage_pb::AdmitResponse::default()
+        });
+
+        assert_eq!(outcome.credits_remaining_micros, None);
+        assert_eq!(outcome.decision, AdmissionDecision::CreditsExhausted);
     }
 }

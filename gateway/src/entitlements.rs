@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Request;
 
 use proto::billing::v1::{self as billing_pb, change_event::Change};
+use time::OffsetDateTime;
 
 use crate::backends::{BackendError, Backends};
 
@@ -37,13 +38,76 @@ const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// treated as lost.
 const STREAM_SILENCE_LIMIT: Duration = Duration::from_secs(25);
 
+/// Who a key belongs to and what their plan allows, as billing resolved it (`backends` converts billing's
+/// answer into this once).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entitlement {
+    pub customer_id: String,
+    /// Empty without a subscription.
+    pub subscription_id: String,
+    /// The plan of the (last) subscription; empty without one.
+    pub plan_code: String,
+    pub standing: Standing,
+    /// Features the plan includes, which routes may require.
+    pub features: Vec<String>,
+    pub limits: Limits,
+    /// The quota period usage counts units in; `None` when billing named none.
+    pub period_start: Option<OffsetDateTime>,
+    pub period_end: Option<OffsetDateTime>,
+    /// ISO code of the customer's credits (`USD`).
+    pub currency: String,
+    /// The instant this answer stops holding on its own; `None` when billing named none.
+    pub valid_until: Option<OffsetDateTime>,
+}
+
+/// Whether a customer's account lets requests through (DESIGN §2, step 3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// Trialing or active.
+    Good,
+    /// Past due but inside grace: admitted, with a warning header.
+    PastDueInGrace,
+    /// Past due beyond grace.
+    PastDue,
+    /// No live subscription, and never one (also what billing's unspecified standing means).
+    NoSubscription,
+    /// The subscription was cancelled or expired.
+    Inactive,
+}
+
+/// A plan's limits, as usage applies them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// Units included in the period.
+    pub included_units: i64,
+    /// GCRA: at most `rate_limit` requests per `rate_period_ms`, plus `burst` at once; 0 means no limit.
+    pub rate_limit: u32,
+    pub rate_period_ms: u32,
+    pub burst: u32,
+    pub overage: Overage,
+    /// Credits taken per unit beyond `included_units`, with `Overage::Credits`.
+    pub unit_price_micros: i64,
+}
+
+/// What happens once a period's included units are used.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Overage {
+    /// Billing did not say; usage refuses to admit under such limits.
+    #[default]
+    Unspecified,
+    /// Further requests are refused until the next period.
+    Block,
+    /// Further units are paid from prepaid credits.
+    Credits,
+}
+
 /// What billing said about one key digest.
 #[derive(Debug, Clone)]
 pub enum Lookup {
     /// A key billing knows; `stale` when billing could not be asked and the answer is a cached one within
     /// the stale window.
     Known {
-        entitlement: Arc<billing_pb::Entitlement>,
+        entitlement: Arc<Entitlement>,
         stale: bool,
     },
     Unknown,
@@ -52,7 +116,7 @@ pub enum Lookup {
 #[derive(Debug, Clone)]
 struct Entry {
     /// `None`: billing does not know the digest.
-    entitlement: Option<Arc<billing_pb::Entitlement>>,
+    entitlement: Option<Arc<Entitlement>>,
     fetched: Instant,
     /// When billing's answer stops holding on its own (`valid_until`), if it said.
     holds_until: Option<Instant>,
@@ -340,11 +404,11 @@ fn known_or_unknown(entry: &Entry, stale: bool) -> Lookup {
     }
 }
 
-fn entry_for(resolved: Option<billing_pb::Entitlement>) -> Entry {
+fn entry_for(resolved: Option<Entitlement>) -> Entry {
     let now = Instant::now();
     let holds_until = resolved
         .as_ref()
-        .and_then(|entitlement| entitlement.valid_until.as_ref())
+        .and_then(|entitlement| entitlement.valid_until)
         .map(|until| now + time_until(until));
     Entry {
         entitlement: resolved.map(Arc::new),
@@ -353,10 +417,8 @@ fn entry_for(resolved: Option<billing_pb::Entitlement>) -> Entry {
     }
 }
 
-fn time_until(instant: &prost_types::Timestamp) -> Duration {
-    let until = SystemTime::UNIX_EPOCH
-        + Duration::from_secs(u64::try_from(instant.seconds).unwrap_or(0))
-        + Duration::from_nanos(u64::try_from(instant.nanos).unwrap_or(0));
+fn time_until(instant: OffsetDateTime) -> Duration {
+    let until = SystemTime::from(instant);
     until
         .duration_since(SystemTime::now())
         .unwrap_or(Duration::ZERO)

@@ -1,5 +1,6 @@
-//! A guard on HTTP/1 connections that finds requests framed two ways at once (`Content-Length` beside
-//! `Transfer-Encoding`) before hyper reads them.
+//! Request framing: a guard on HTTP/1 connections that finds requests framed two ways at once
+//! (`Content-Length` beside `Transfer-Encoding`) before hyper reads them, and [`check`], which refuses the
+//! request heads a proxy could read differently from its upstream.
 //!
 //! hyper resolves such a request by the RFC's rule (chunked wins, the length is dropped), which keeps our
 //! own forwarding unambiguous but forwards a request another hop could have read differently. We refuse
@@ -19,9 +20,10 @@ use std::{
     task::{Context, Poll},
 };
 
+use http::{HeaderMap, HeaderValue, header};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::connections::Activity;
+use crate::{connections::Activity, error::Refusal, problem::Code};
 
 /// Header the guard adds to a request head that is framed two ways.
 pub const AMBIGUOUS_MARK: &str = "paygate-ambiguous-framing";
@@ -389,6 +391,61 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Guarded<IO> {
     }
 }
 
+/// Refuses framing a proxy could read differently from the upstream (request smuggling), and transfer
+/// codings other than a single `chunked`, which the gateway would otherwise forward decoded as plain
+/// chunked, silently dropping the coding.
+pub fn check(headers: &HeaderMap) -> Result<(), Refusal> {
+    const TWO_WAYS: &str = "Both Content-Length and Transfer-Encoding were sent; send only one.";
+    let bad_request = |detail: &str| Err(Refusal::new(Code::BadRequest).with_detail(detail));
+    if headers.contains_key(AMBIGUOUS_MARK) {
+        return bad_request(TWO_WAYS);
+    }
+    let lengths: Vec<&HeaderValue> = headers.get_all(header::CONTENT_LENGTH).iter().collect();
+    if !lengths.is_empty() && headers.contains_key(header::TRANSFER_ENCODING) {
+        return bad_request(TWO_WAYS);
+    }
+    if lengths.len() > 1 {
+        return bad_request("Content-Length was sent more than once; send it once.");
+    }
+    if let Some(length) = lengths.first() {
+        let valid = length
+            .to_str()
+            .is_ok_and(|text| !text.is_empty() && text.bytes().all(|byte| byte.is_ascii_digit()));
+        if !valid {
+            return bad_request("Content-Length must be a non-negative integer.");
+        }
+    }
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        let mut codings = headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .flat_map(|value| value.as_bytes().split(|&byte| byte == b','))
+            .map(<[u8]>::trim_ascii)
+            .filter(|coding| !coding.is_empty());
+        match (codings.next(), codings.next()) {
+            (Some(only), None) if only.eq_ignore_ascii_case(b"chunked") => {}
+            (None, _) => return bad_request("Transfer-Encoding was sent empty."),
+            _ => {
+                return Err(Refusal::new(Code::UnsupportedTransferCoding).with_detail(
+                    "Only `Transfer-Encoding: chunked` is accepted; send compressed bodies with \
+                     Content-Encoding instead.",
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Returns the body length the head declares, if it declares one.
+pub fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -460,5 +517,52 @@ mod tests {
         input.extend_from_slice(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00Content-Length: 1\r\nTransfer-Encoding: x\r\n\r\n");
 
         assert_eq!(scan(&input, 3).as_bytes(), input.as_slice());
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(
+                http::HeaderName::from_bytes(name.as_bytes()).expect("name"),
+                HeaderValue::from_str(value).expect("value"),
+            );
+        }
+        map
+    }
+
+    fn checked(pairs: &[(&str, &str)]) -> Result<(), Code> {
+        check(&headers(pairs)).map_err(|refusal| refusal.code())
+    }
+
+    #[test]
+    fn ambiguous_framing_is_refused() {
+        assert!(checked(&[("content-length", "5"), ("transfer-encoding", "chunked")]).is_err());
+        assert!(checked(&[("content-length", "5"), ("content-length", "5")]).is_err());
+        assert!(checked(&[("content-length", "+5")]).is_err());
+        assert!(checked(&[("content-length", "5")]).is_ok());
+        assert!(checked(&[("transfer-encoding", "chunked")]).is_ok());
+        assert!(checked(&[("transfer-encoding", " Chunked ")]).is_ok());
+    }
+
+    #[test]
+    fn a_transfer_coding_other_than_a_single_chunked_is_not_supported() {
+        for codings in [
+            &[("transfer-encoding", "gzip, chunked")][..],
+            &[
+                ("transfer-encoding", "gzip"),
+                ("transfer-encoding", "chunked"),
+            ],
+            &[("transfer-encoding", "chunked, chunked")],
+        ] {
+            assert_eq!(
+                checked(codings),
+                Err(Code::UnsupportedTransferCoding),
+                "{codings:?}"
+            );
+        }
+        assert_eq!(
+            checked(&[("transfer-encoding", " , ")]),
+            Err(Code::BadRequest)
+        );
     }
 }

@@ -67,6 +67,12 @@ pub fn api_key(headers: &HeaderMap) -> Option<(&str, KeySource)> {
         .map(|key| (key, KeySource::ApiKeyHeader))
 }
 
+/// Tells whether `key` has the shape and checksum of a paygate key: one that does not is unknown without
+/// asking billing.
+pub fn is_well_formed_key(key: &str) -> bool {
+    proto::api_key::is_well_formed(key)
+}
+
 /// Removes hop-by-hop headers and every header the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers

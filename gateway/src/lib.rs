@@ -11,8 +11,11 @@
 //! - `backends`: billing and usage calls with deadlines and circuit breakers
 //! - `entitlements`: the entitlement cache and billing's change stream
 //! - `connections`: head and idle deadlines per connection, the connection limit, accept back-off
-//! - `framing`: the connection guard that finds requests framed two ways
-//! - `proxy`: the decision per request and the forwarding
+//! - `framing`: the connection guard that finds requests framed two ways, and the framing check per request
+//! - `decision`: framing → key → entitlement → standing → admission, ending in a verdict or a refusal
+//! - `upstream`: forwarding a decided request and streaming the answer back
+//! - `error`: `Refusal`, the one place a request the gateway does not forward becomes its answer
+//! - `proxy`: `handle`, the path of one request: decide → forward → settle
 //! - `readiness`: the background check behind `/_paygate/ready`
 //! - `tls`: the upstream clients (https, ALPN) and the optional HTTPS listener with certificate reload
 //! - `stats`: runtime statistics per customer and hour, reported to billing
@@ -21,7 +24,9 @@ pub mod backends;
 pub mod client_ip;
 pub mod config;
 pub mod connections;
+pub mod decision;
 pub mod entitlements;
+pub mod error;
 pub mod framing;
 pub mod headers;
 pub mod leases;
@@ -31,6 +36,7 @@ pub mod readiness;
 pub mod routes;
 pub mod stats;
 pub mod tls;
+pub mod upstream;
 
 use std::{
     convert::Infallible,
