@@ -790,7 +790,7 @@ mod tests {
         let entitlement = entitlement_from_proto(billing_pb::Entitlement {
             customer_id: "cus".to_owned(),
             subscription_id: "sub".to_owned(),
-            limits: Some(limits.clone()),
+            limits: Some(limits),
             period_start: Some(start),
             period_end: Some(end),
             ..billing_pb::Entitlement::default()
