@@ -19,7 +19,7 @@ use std::{
         Arc, Mutex, Weak,
         atomic::{AtomicBool, AtomicU32, Ordering},
     },
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use backon::{ExponentialBuilder, Retryable};
@@ -35,10 +35,12 @@ use proto::{
     usage::v1::{self as usage_pb, usage_client::UsageClient},
 };
 use time::OffsetDateTime;
+use uuid::Uuid;
 
 use crate::{
     decision::{Admission, AdmissionDecision, AdmissionOutcome},
     entitlements::{Entitlement, Limits, Overage, Standing},
+    leases::{Grant, GrantFigures, LeaseToReturn, Slots, Wanted},
 };
 
 /// A client of billing's internal API, carrying the service token.
@@ -415,6 +417,85 @@ impl Backends {
         }
     }
 
+    /// Asks usage for leases, one per ask, in one call. `Ok(answers)` holds one answer per ask, in order:
+    /// `Ok(None)` for an empty grant (admit that customer per request), `Err` for an ask usage could not
+    /// decide or answered with figures this gateway cannot use (nothing of it is spent; usage writes such
+    /// a lease off if it did reserve anything). The whole call failing is `Err(BackendError)`.
+    pub async fn lease(
+        &self,
+        holder: Uuid,
+        asks: &[LeaseAsk<'_>],
+    ) -> Result<Vec<Result<Option<Grant>, String>>, BackendError> {
+        if !self.usage_breaker.permitted() {
+            return Err(BackendError::CircuitOpen);
+        }
+        let mut request = Request::new(usage_pb::LeaseRequest {
+            holder_id: holder.to_string(),
+            asks: asks.iter().map(lease_ask_to_proto).collect(),
+        });
+        request.set_timeout(self.deadline);
+        let answer = self
+            .call_usage(self.usage.clone().lease(request))
+            .await?
+            .grants;
+        if answer.len() != asks.len() {
+            return Err(BackendError::Failed(tonic::Status::internal(format!(
+                "usage answered {} grants for {} asks",
+                answer.len(),
+                asks.len()
+            ))));
+        }
+        Ok(asks
+            .iter()
+            .zip(answer)
+            .map(|(ask, grant)| grant_from_proto(ask, grant))
+            .collect())
+    }
+
+    /// Returns closed leases to usage in one call, with what each spent. Safe to repeat: a return is
+    /// applied once per lease id.
+    pub async fn return_leases(
+        &self,
+        holder: Uuid,
+        leases: &[LeaseToReturn],
+    ) -> Result<Vec<usage_pb::LeaseOutcome>, BackendError> {
+        let mut request = Request::new(usage_pb::ReturnLeasesRequest {
+            holder_id: holder.to_string(),
+            returns: leases.iter().map(lease_return_to_proto).collect(),
+        });
+        request.set_timeout(self.deadline);
+        let answer = self
+            .call_usage(self.usage.clone().return_leases(request))
+            .await?;
+        Ok(answer
+            .results
+            .iter()
+            .map(|result| result.outcome())
+            .collect())
+    }
+
+    /// Runs one unary call to usage under the deadline, telling its breaker how it went.
+    async fn call_usage<T>(
+        &self,
+        call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    ) -> Result<T, BackendError> {
+        match tokio::time::timeout(self.deadline, call).await {
+            Ok(Ok(answer)) => {
+                self.usage_breaker.on_success();
+                Ok(answer.into_inner())
+            }
+            Ok(Err(status)) => {
+                self.usage_breaker.on_error(&status);
+                Err(BackendError::Failed(status))
+            }
+            Err(_) => {
+                let status = tonic::Status::deadline_exceeded("usage did not answer in time");
+                self.usage_breaker.on_error(&status);
+                Err(BackendError::Failed(status))
+            }
+        }
+    }
+
     /// Gives back what the admission of `request_id` took. One attempt is made at once (bounded by the
     /// deadline); when it fails the refund is retried in the background with backoff (for about three
     /// minutes): a refund is applied once per request id however often it is sent, so retrying is safe,
@@ -752,6 +833,97 @@ fn outcome_from_proto(answer: usage_pb::AdmitResponse) -> AdmissionOutcome {
     }
 }
 
+/// One lease this gateway asks usage for: a fresh lease id, the customer's entitlement (limits and
+/// period) and how much it wants.
+#[derive(Debug, Clone, Copy)]
+pub struct LeaseAsk<'a> {
+    pub lease_id: Uuid,
+    pub entitlement: &'a Entitlement,
+    pub wanted: Wanted,
+}
+
+fn lease_ask_to_proto(ask: &LeaseAsk<'_>) -> usage_pb::LeaseAsk {
+    let entitlement = ask.entitlement;
+    usage_pb::LeaseAsk {
+        lease_id: ask.lease_id.to_string(),
+        customer_id: entitlement.customer_id.clone(),
+        subscription_id: entitlement.subscription_id.clone(),
+        limits: Some(limits_to_proto(&entitlement.limits)),
+        period_start: entitlement.period_start.map(instant_to_proto),
+        period_end: entitlement.period_end.map(instant_to_proto),
+        units_wanted: i64::try_from(ask.wanted.units).unwrap_or(i64::MAX),
+        slots_wanted: ask.wanted.slots,
+        min_units: i64::try_from(ask.wanted.min_units).unwrap_or(i64::MAX),
+    }
+}
+
+/// Turns usage's answer to `ask` into a grant; `Ok(None)` when it is empty. Figures that cannot be right
+/// (another lease id, negative amounts) are an error: such a grant is never spent.
+fn grant_from_proto(
+    ask: &LeaseAsk<'_>,
+    grant: usage_pb::LeaseGrant,
+) -> Result<Option<Grant>, String> {
+    if !grant.error.is_empty() {
+        return Err(grant.error);
+    }
+    if grant.lease_id != ask.lease_id.to_string() {
+        return Err(format!(
+            "usage answered lease `{}` for lease `{}`",
+            grant.lease_id, ask.lease_id
+        ));
+    }
+    let (Ok(quota_units), Ok(credit_units), Ok(unit_price_micros)) = (
+        u64::try_from(grant.quota_units),
+        u64::try_from(grant.credit_units),
+        u64::try_from(grant.unit_price_micros),
+    ) else {
+        return Err(format!("lease `{}` has negative figures", ask.lease_id));
+    };
+    if quota_units == 0 && credit_units == 0 {
+        return Ok(None);
+    }
+    let slots = (grant.slots > 0).then(|| Slots {
+        count: grant.slots,
+        first_slot_offset: Duration::from_micros(grant.first_slot_offset_us),
+        emission: Duration::from_micros(grant.emission_us),
+        tolerance: Duration::from_micros(grant.tolerance_us),
+    });
+    if ask.entitlement.limits.rate_limit > 0 && slots.is_none() {
+        return Err(format!(
+            "lease `{}` holds units but no slots under a rate limit",
+            ask.lease_id
+        ));
+    }
+    Ok(Some(Grant {
+        lease_id: ask.lease_id,
+        customer_id: ask.entitlement.customer_id.clone(),
+        quota_units,
+        credit_units,
+        unit_price_micros,
+        slots,
+        ttl: Duration::from_millis(grant.ttl_ms),
+        figures: GrantFigures {
+            quota_limit: grant.quota_limit,
+            quota_used: grant.quota_used,
+            quota_resets_at: grant
+                .quota_resets_at
+                .and_then(instant_from_proto)
+                .map(SystemTime::from),
+            credits_remaining_micros: (grant.credits_remaining_micros >= 0)
+                .then_some(grant.credits_remaining_micros),
+        },
+    }))
+}
+
+fn lease_return_to_proto(lease: &LeaseToReturn) -> usage_pb::LeaseReturn {
+    usage_pb::LeaseReturn {
+        lease_id: lease.lease.id().to_string(),
+        customer_id: lease.lease.customer_id().to_owned(),
+        units_spent: i64::try_from(lease.closing.units_spent).unwrap_or(i64::MAX),
+        first_unused_slot: lease.closing.first_unused_slot,
+    }
+}
+
 fn instant_from_proto(timestamp: prost_types::Timestamp) -> Option<OffsetDateTime> {
     let nanos = i128::from(timestamp.seconds) * 1_000_000_000 + i128::from(timestamp.nanos);
     OffsetDateTime::from_unix_timestamp_nanos(nanos).ok()
@@ -842,5 +1014,158 @@ mod tests {
 
         assert_eq!(outcome.credits_remaining_micros, None);
         assert_eq!(outcome.decision, AdmissionDecision::CreditsExhausted);
+    }
+
+    fn rate_limited_entitlement() -> Entitlement {
+        entitlement_from_proto(billing_pb::Entitlement {
+            customer_id: "cus".to_owned(),
+            subscription_id: "sub".to_owned(),
+            limits: Some(billing_pb::Limits {
+                included_units: 1_000,
+                rate_limit: 100,
+                rate_period_ms: 1_000,
+                burst: 50,
+                overage_mode: billing_pb::OverageMode::Credits.into(),
+                unit_price_micros: 250,
+            }),
+            ..billing_pb::Entitlement::default()
+        })
+    }
+
+    fn lease_ask(entitlement: &Entitlement) -> LeaseAsk<'_> {
+        LeaseAsk {
+            lease_id: Uuid::from_u128(7),
+            entitlement,
+            wanted: Wanted {
+                units: 40,
+                slots: 10,
+                min_units: 2,
+            },
+        }
+    }
+
+    fn usage_grant() -> usage_pb::LeaseGrant {
+        usage_pb::LeaseGrant {
+            lease_id: Uuid::from_u128(7).to_string(),
+            quota_units: 30,
+            credit_units: 4,
+            unit_price_micros: 250,
+            slots: 10,
+            first_slot_offset_us: 2_000,
+            emission_us: 10_000,
+            tolerance_us: 500_000,
+            ttl_ms: 2_000,
+            quota_used: 530,
+            quota_limit: 1_000,
+            credits_remaining_micros: -1,
+            ..usage_pb::LeaseGrant::default()
+        }
+    }
+
+    #[test]
+    fn a_lease_ask_carries_the_entitlement_and_what_is_wanted() {
+        let entitlement = rate_limited_entitlement();
+
+        let ask = lease_ask_to_proto(&lease_ask(&entitlement));
+
+        assert_eq!(ask.lease_id, Uuid::from_u128(7).to_string());
+        assert_eq!(
+            (ask.customer_id.as_str(), ask.subscription_id.as_str()),
+            ("cus", "sub")
+        );
+        assert_eq!(
+            (ask.units_wanted, ask.slots_wanted, ask.min_units),
+            (40, 10, 2)
+        );
+        assert_eq!(ask.limits.map(|limits| limits.rate_limit), Some(100));
+    }
+
+    #[test]
+    fn a_grant_becomes_a_lease_with_its_units_slots_ttl_and_figures() {
+        let entitlement = rate_limited_entitlement();
+
+        let grant = grant_from_proto(&lease_ask(&entitlement), usage_grant())
+            .expect("usable")
+            .expect("not empty");
+
+        assert_eq!(
+            (
+                grant.quota_units,
+                grant.credit_units,
+                grant.unit_price_micros
+            ),
+            (30, 4, 250)
+        );
+        assert_eq!(
+            grant.slots,
+            Some(Slots {
+                count: 10,
+                first_slot_offset: Duration::from_millis(2),
+                emission: Duration::from_millis(10),
+                tolerance: Duration::from_millis(500),
+            })
+        );
+        assert_eq!(grant.ttl, Duration::from_secs(2));
+        assert_eq!(
+            (grant.figures.quota_used, grant.figures.quota_limit),
+            (530, 1_000)
+        );
+        assert_eq!(grant.figures.credits_remaining_micros, None);
+        assert_eq!(grant.customer_id, "cus");
+    }
+
+    #[test]
+    fn an_empty_grant_means_per_request_admission() {
+        let entitlement = rate_limited_entitlement();
+        let empty = usage_pb::LeaseGrant {
+            lease_id: Uuid::from_u128(7).to_string(),
+            ..usage_pb::LeaseGrant::default()
+        };
+
+        assert_eq!(grant_from_proto(&lease_ask(&entitlement), empty), Ok(None));
+    }
+
+    #[test]
+    fn a_grant_that_cannot_be_right_is_never_spent() {
+        let entitlement = rate_limited_entitlement();
+        let ask = lease_ask(&entitlement);
+        let other_lease = usage_pb::LeaseGrant {
+            lease_id: Uuid::from_u128(8).to_string(),
+            ..usage_grant()
+        };
+        let negative = usage_pb::LeaseGrant {
+            credit_units: -1,
+            ..usage_grant()
+        };
+        let no_slots = usage_pb::LeaseGrant {
+            slots: 0,
+            ..usage_grant()
+        };
+        let failed = usage_pb::LeaseGrant {
+            error: "redis said no".to_owned(),
+            ..usage_grant()
+        };
+
+        for grant in [other_lease, negative, no_slots, failed] {
+            assert!(grant_from_proto(&ask, grant).is_err());
+        }
+    }
+
+    #[test]
+    fn a_returned_lease_says_what_it_spent_and_its_first_unused_slot() {
+        let entitlement = rate_limited_entitlement();
+        let grant = grant_from_proto(&lease_ask(&entitlement), usage_grant())
+            .expect("usable")
+            .expect("not empty");
+        let now = Instant::now();
+        let lease = Arc::new(crate::leases::Lease::new(grant, now, now));
+        let closing = lease.close();
+
+        let returned = lease_return_to_proto(&LeaseToReturn { lease, closing });
+
+        assert_eq!(returned.lease_id, Uuid::from_u128(7).to_string());
+        assert_eq!(returned.customer_id, "cus");
+        assert_eq!(returned.units_spent, 0);
+        assert_eq!(returned.first_unused_slot, closing.first_unused_slot);
     }
 }

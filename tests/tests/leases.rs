@@ -733,3 +733,92 @@ async fn credits_written_off_with_a_lease_are_not_poured_back_by_reconciliation(
         }
     );
 }
+
+/// The gateway's own entitlement for `subscriber` (what its cache would hold after billing resolved it).
+fn gateway_entitlement(subscriber: &Subscriber) -> gateway::entitlements::Entitlement {
+    let instant = |timestamp: Timestamp| {
+        time::OffsetDateTime::from_unix_timestamp(timestamp.seconds).expect("a sane instant")
+    };
+    gateway::entitlements::Entitlement {
+        customer_id: subscriber.customer_id.clone(),
+        subscription_id: subscriber.subscription_id.clone(),
+        plan_code: String::new(),
+        standing: gateway::entitlements::Standing::Good,
+        features: Vec::new(),
+        limits: gateway::entitlements::Limits {
+            included_units: subscriber.limits.included_units,
+            rate_limit: subscriber.limits.rate_limit,
+            rate_period_ms: subscriber.limits.rate_period_ms,
+            burst: subscriber.limits.burst,
+            overage: gateway::entitlements::Overage::Block,
+            unit_price_micros: subscriber.limits.unit_price_micros,
+        },
+        period_start: Some(instant(subscriber.period_start)),
+        period_end: Some(instant(subscriber.period_end)),
+        currency: "USD".into(),
+        valid_until: None,
+    }
+}
+
+#[tokio::test]
+async fn a_lease_asked_through_the_gateways_client_is_spent_locally_and_billed_only_for_what_was_spent()
+ {
+    let billing = spawn_billing(fresh_database().await).await;
+    let usage =
+        spawn_usage_with_leases(&billing, &unique_prefix(), usage::LeaseSettings::default()).await;
+    let subscriber = subscribe(&billing, block_plan(100)).await;
+    let entitlement = gateway_entitlement(&subscriber);
+    let backends = gateway::backends::Backends::new(
+        gateway::backends::channel(&format!("http://{}", billing.addr)).expect("billing channel"),
+        gateway::backends::channel(&format!("http://{}", usage.addr)).expect("usage channel"),
+        proto::auth::BearerToken::new(integration_tests::SERVICE_TOKEN).expect("token"),
+        Duration::from_secs(2),
+    );
+    let holder = Uuid::new_v4();
+    let ask = gateway::backends::LeaseAsk {
+        lease_id: Uuid::new_v4(),
+        entitlement: &entitlement,
+        wanted: gateway::leases::Wanted {
+            units: 1_000,
+            slots: 0,
+            min_units: 1,
+        },
+    };
+
+    let asked_at = Instant::now();
+    let mut grants = backends.lease(holder, &[ask]).await.expect("usage answers");
+    let grant = grants
+        .pop()
+        .expect("one answer")
+        .expect("a usable grant")
+        .expect("not empty");
+    let lease = std::sync::Arc::new(gateway::leases::Lease::new(
+        grant.clone(),
+        asked_at,
+        Instant::now(),
+    ));
+    let spent = (0..7)
+        .filter(|_| lease.try_spend(1, Instant::now()).is_some())
+        .count();
+    let closing = lease.close();
+    let outcomes = backends
+        .return_leases(
+            holder,
+            &[gateway::leases::LeaseToReturn {
+                lease: lease.clone(),
+                closing,
+            }],
+        )
+        .await
+        .expect("usage answers");
+    let mut client = usage.client().await;
+    let used = units_used(&mut client, &subscriber).await;
+    usage.shutdown().await;
+
+    assert_eq!(grant.quota_units, 50, "half of the 100 free units");
+    assert_eq!(spent, 7);
+    assert_eq!(closing.units_spent, 7);
+    assert_eq!(outcomes, vec![LeaseOutcome::Returned]);
+    assert_eq!(used, 7);
+    assert_eq!(billed(&billing, &subscriber).await, (7, 0));
+}
