@@ -404,9 +404,9 @@ impl Backends {
                 "the admission batcher has stopped",
             )));
         }
-        // A request may wait for a batch slot and then for its batch, each bounded by the deadline. If this
-        // gives up first, a request still queued is dropped unsent (nothing is charged for it).
-        match tokio::time::timeout(self.deadline * 2, answered).await {
+        // A request may wait for a batch slot and then for its batch, each bounded by the batch's deadline.
+        // If this gives up first, a request still queued is dropped unsent (nothing is charged for it).
+        match tokio::time::timeout(batch_deadline(self.deadline) * 2, answered).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(BackendError::Failed(tonic::Status::internal(
                 "the admission batcher dropped a request",
@@ -452,13 +452,13 @@ impl Backends {
             .collect())
     }
 
-    /// Returns closed leases to usage in one call, with what each spent. Safe to repeat: a return is
-    /// applied once per lease id.
+    /// Returns closed leases to usage in one call, with what each spent; one outcome per lease, in order.
+    /// Safe to repeat: a return is applied once per lease id.
     pub async fn return_leases(
         &self,
         holder: Uuid,
         leases: &[LeaseToReturn],
-    ) -> Result<Vec<usage_pb::LeaseOutcome>, BackendError> {
+    ) -> Result<Vec<ReturnOutcome>, BackendError> {
         let mut request = Request::new(usage_pb::ReturnLeasesRequest {
             holder_id: holder.to_string(),
             returns: leases.iter().map(lease_return_to_proto).collect(),
@@ -467,11 +467,43 @@ impl Backends {
         let answer = self
             .call_usage(self.usage.clone().return_leases(request))
             .await?;
+        if answer.results.len() != leases.len() {
+            return Err(BackendError::Failed(tonic::Status::internal(format!(
+                "usage answered {} returns for {} leases",
+                answer.results.len(),
+                leases.len()
+            ))));
+        }
         Ok(answer
             .results
             .iter()
-            .map(|result| result.outcome())
+            .map(|result| match result.outcome() {
+                usage_pb::LeaseOutcome::Returned | usage_pb::LeaseOutcome::AlreadyReturned => {
+                    ReturnOutcome::Returned
+                }
+                usage_pb::LeaseOutcome::WrittenOff => ReturnOutcome::WrittenOff,
+                usage_pb::LeaseOutcome::Unknown => ReturnOutcome::Unknown,
+                usage_pb::LeaseOutcome::Unspecified => ReturnOutcome::Retry(result.error.clone()),
+            })
             .collect())
+    }
+
+    /// Opens the stream of recalls of `holder`'s leases. Usage registers the holder before it answers, so
+    /// once this returns no recall of its leases is missed while the stream stays up.
+    pub async fn watch_recalls(&self, holder: Uuid) -> Result<Recalls, BackendError> {
+        let mut request = Request::new(usage_pb::WatchRecallsRequest {
+            holder_id: holder.to_string(),
+        });
+        request.set_timeout(Duration::from_secs(365 * 24 * 3600));
+        let opened =
+            tokio::time::timeout(self.deadline, self.usage.clone().watch_recalls(request)).await;
+        match opened {
+            Ok(Ok(stream)) => Ok(Recalls(stream.into_inner())),
+            Ok(Err(status)) => Err(BackendError::Failed(status)),
+            Err(_) => Err(BackendError::Failed(tonic::Status::deadline_exceeded(
+                "usage did not open the recall stream in time",
+            ))),
+        }
     }
 
     /// Runs one unary call to usage under the deadline, telling its breaker how it went.
@@ -514,6 +546,51 @@ impl Backends {
     pub fn refund_later(&self, customer_id: &str, request_id: &str) {
         refund_in_background(&self.usage, self.deadline, customer_id, request_id);
     }
+
+    /// Gives back, in the background, the `units` that request `request_id` spent from lease `lease_id`
+    /// after the lease was returned (a late refund; once per request id, retried like any refund).
+    pub fn refund_from_returned_lease(
+        &self,
+        customer_id: &str,
+        lease_id: Uuid,
+        request_id: &str,
+        units: u64,
+    ) {
+        let refund = usage_pb::RefundRequest {
+            request_id: request_id.to_owned(),
+            customer_id: customer_id.to_owned(),
+            lease_id: lease_id.to_string(),
+            units: i64::try_from(units).unwrap_or(i64::MAX),
+        };
+        send_refund_in_background(&self.usage, self.deadline, refund);
+    }
+}
+
+/// What usage did with one returned lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReturnOutcome {
+    /// Returned, now or before: the unspent part is free again and the spent part goes to billing.
+    Returned,
+    /// Its deadline and grace had passed: nothing of it is billed, its units stay used in the period.
+    WrittenOff,
+    /// Usage knows no such lease of this customer from this holder.
+    Unknown,
+    /// This return could not be processed (nothing changed): send it again.
+    Retry(String),
+}
+
+/// The recalls of one holder's leases, as usage sends them.
+pub struct Recalls(tonic::Streaming<usage_pb::Recall>);
+
+impl Recalls {
+    /// Returns the next customer whose leases are recalled; `None` when usage ended the stream.
+    pub async fn next(&mut self) -> Option<Result<String, tonic::Status>> {
+        match self.0.message().await {
+            Ok(Some(recall)) => Some(Ok(recall.customer_id)),
+            Ok(None) => None,
+            Err(status) => Some(Err(status)),
+        }
+    }
 }
 
 static REFUND_FAILED: telemetry::LogLimit = telemetry::LogLimit::new(telemetry::REPEAT_INTERVAL);
@@ -525,10 +602,23 @@ fn refund_in_background(
     customer_id: &str,
     request_id: &str,
 ) {
+    let refund = usage_pb::RefundRequest {
+        request_id: request_id.to_owned(),
+        customer_id: customer_id.to_owned(),
+        ..Default::default()
+    };
+    send_refund_in_background(usage, deadline, refund);
+}
+
+fn send_refund_in_background(
+    usage: &UsageApiClient,
+    deadline: Duration,
+    refund: usage_pb::RefundRequest,
+) {
     let usage = usage.clone();
-    let (customer_id, request_id) = (customer_id.to_owned(), request_id.to_owned());
     tokio::spawn(async move {
-        let attempt = || try_refund(&usage, deadline, &customer_id, &request_id);
+        let (customer_id, request_id) = (refund.customer_id.as_str(), refund.request_id.as_str());
+        let attempt = || try_send_refund(&usage, deadline, refund.clone());
         let retried = attempt
             .retry(
                 ExponentialBuilder::default()
@@ -554,17 +644,27 @@ async fn try_refund(
     customer_id: &str,
     request_id: &str,
 ) -> Result<(), tonic::Status> {
-    let mut request = Request::new(usage_pb::RefundRequest {
+    let refund = usage_pb::RefundRequest {
         request_id: request_id.to_owned(),
         customer_id: customer_id.to_owned(),
         ..Default::default()
-    });
+    };
+    try_send_refund(usage, deadline, refund).await
+}
+
+async fn try_send_refund(
+    usage: &UsageApiClient,
+    deadline: Duration,
+    refund: usage_pb::RefundRequest,
+) -> Result<(), tonic::Status> {
+    let (customer_id, request_id) = (refund.customer_id.clone(), refund.request_id.clone());
+    let mut request = Request::new(refund);
     request.set_timeout(deadline);
     match tokio::time::timeout(deadline, usage.clone().refund(request)).await {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(status)) => {
             if let Some(suppressed) = REFUND_FAILED.event() {
-                tracing::warn!(customer_id, request_id, code = ?status.code(), suppressed, "refund failed; retrying");
+                tracing::warn!(%customer_id, %request_id, code = ?status.code(), suppressed, "refund failed; retrying");
             }
             Err(status)
         }
@@ -572,6 +672,16 @@ async fn try_refund(
             "usage did not answer a refund in time",
         )),
     }
+}
+
+/// Most usage waits, inside one admission, for another gateway to return recalled leases
+/// (`USAGE_RECALL_WAIT_MS` is at most 200).
+const MOST_RECALL_WAIT: Duration = Duration::from_millis(200);
+
+/// Returns the deadline of an admission batch: the call's own, plus the longest recall wait usage may spend
+/// deciding it, so that a request waiting for units another gateway holds is not cut off as failed.
+fn batch_deadline(deadline: Duration) -> Duration {
+    deadline + MOST_RECALL_WAIT
 }
 
 /// Sends queued admissions to usage in batches until every `Backends` clone is gone.
@@ -639,6 +749,7 @@ async fn admit_batch(
     let mut call = Request::new(usage_pb::AdmitBatchRequest {
         requests: requests.clone(),
     });
+    let deadline = batch_deadline(deadline);
     call.set_timeout(deadline);
     telemetry::traces::inject_into_metadata(&trace, call.metadata_mut());
     let outcome = tokio::time::timeout(deadline, usage.clone().admit_batch(call)).await;

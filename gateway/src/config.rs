@@ -78,6 +78,16 @@ pub struct Config {
         default_value_t = 250
     )]
     pub backend_deadline_ms: u64,
+    /// `on`: hot customers are admitted from leases, spent in memory (docs/leases.md); `off`: every
+    /// request is admitted by usage.
+    #[arg(
+        long,
+        env = "GATEWAY_LEASES",
+        value_name = "GATEWAY_LEASES",
+        value_enum,
+        default_value_t = Leases::On
+    )]
+    pub leases: Leases,
     /// How often per-customer statistics are reported to billing, in milliseconds.
     #[arg(
         long,
@@ -224,4 +234,11 @@ mod tests {
         );
         assert!(check_token("PAYGATE_SERVICE_TOKEN", "a-random-token-of-some-length").is_ok());
     }
+}
+
+/// Whether the gateway admits hot customers from leases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Leases {
+    On,
+    Off,
 }

@@ -15,6 +15,8 @@ use crate::{
     error::{Facts, RateLimit, Refusal},
     framing,
     headers::{self, KeySource},
+    leases::LeaseSpend,
+    lessor::Lessor,
     problem::{Code, Money},
     proxy::Gateway,
     routes::{FailureMode, Route},
@@ -90,10 +92,23 @@ pub struct Paid<'a> {
 /// (hyper drops the request's future) or the gateway answered before settling — it gives them back in the
 /// background.
 pub struct Charge<'a> {
-    backends: &'a Backends,
+    taken_from: TakenFrom<'a>,
     customer_id: String,
     admission_id: String,
     settled: bool,
+}
+
+/// Where an admission's units were taken, and so where a refund goes.
+enum TakenFrom<'a> {
+    /// Usage admitted the request: a refund goes to usage by admission id.
+    Usage(&'a Backends),
+    /// Spent from a lease this gateway holds: a refund goes back into the lease, or against it at usage
+    /// once it has been returned.
+    Lease {
+        lessor: &'a Lessor,
+        spend: LeaseSpend,
+        units: u64,
+    },
 }
 
 impl Charge<'_> {
@@ -101,11 +116,18 @@ impl Charge<'_> {
     /// background if usage cannot take the refund at once).
     pub async fn settle(mut self, served: bool) {
         if !served {
-            // Settled only once the refund is out of our hands: if this future is dropped meanwhile, the
-            // guard refunds again (refunds are idempotent by admission id).
-            self.backends
-                .refund(&self.customer_id, &self.admission_id)
-                .await;
+            match &self.taken_from {
+                // Settled only once the refund is out of our hands: if this future is dropped meanwhile,
+                // the guard refunds again (refunds are idempotent by admission id).
+                TakenFrom::Usage(backends) => {
+                    backends.refund(&self.customer_id, &self.admission_id).await;
+                }
+                TakenFrom::Lease {
+                    lessor,
+                    spend,
+                    units,
+                } => lessor.refund(spend, &self.admission_id, *units),
+            }
         }
         self.settled = true;
     }
@@ -113,9 +135,18 @@ impl Charge<'_> {
 
 impl Drop for Charge<'_> {
     fn drop(&mut self) {
-        if !self.settled {
-            self.backends
-                .refund_later(&self.customer_id, &self.admission_id);
+        if self.settled {
+            return;
+        }
+        match &self.taken_from {
+            TakenFrom::Usage(backends) => {
+                backends.refund_later(&self.customer_id, &self.admission_id)
+            }
+            TakenFrom::Lease {
+                lessor,
+                spend,
+                units,
+            } => lessor.refund(spend, &self.admission_id, *units),
         }
     }
 }
@@ -149,7 +180,10 @@ impl Gateway {
         tracing::Span::current().record("customer_id", entitlement.customer_id.as_str());
         record.customer_id = Some(entitlement.customer_id.clone());
         check_standing(&entitlement, route)?;
-        let terms = self.admit(route, digest, &entitlement).await?;
+        let terms = match self.admit_from_lease(route, &entitlement) {
+            Some(terms) => terms,
+            None => self.admit(route, digest, &entitlement).await?,
+        };
         if let Terms::Paid(paid) = &terms {
             tracing::Span::current().record("units", route.price);
             record.admitted = true;
@@ -178,13 +212,43 @@ impl Gateway {
         }
     }
 
-    /// Admits the request at `route`'s price, or refuses it; when usage cannot decide, passes it on an
-    /// open route within the key's budget.
+    /// Admits the request at `route`'s price from the customer's lease, in memory; `None` when leases are
+    /// off or no lease of the customer can cover it now (it is then admitted per request).
+    fn admit_from_lease<'a>(
+        &'a self,
+        route: &'a Route,
+        entitlement: &Arc<Entitlement>,
+    ) -> Option<Terms<'a>> {
+        let lessor = self.lessor.as_deref()?;
+        let units = u64::try_from(route.price).ok()?;
+        let spend = lessor.spend(&entitlement.customer_id, units)?;
+        lessor.admitted(entitlement, units);
+        metrics::counter!("paygate_gateway_admissions_total", "via" => "lease").increment(1);
+        let outcome = outcome_from_lease(&spend);
+        let rate_limit = rate_limit_headers(entitlement, &outcome);
+        Some(Terms::Paid(Box::new(Paid {
+            charge: Charge {
+                taken_from: TakenFrom::Lease {
+                    lessor,
+                    spend,
+                    units,
+                },
+                customer_id: entitlement.customer_id.clone(),
+                admission_id: Uuid::new_v4().to_string(),
+                settled: false,
+            },
+            outcome,
+            rate_limit,
+        })))
+    }
+
+    /// Admits the request at `route`'s price through usage, or refuses it; when usage cannot decide,
+    /// passes it on an open route within the key's budget.
     async fn admit<'a>(
         &'a self,
         route: &'a Route,
         digest: [u8; 32],
-        entitlement: &Entitlement,
+        entitlement: &Arc<Entitlement>,
     ) -> Result<Terms<'a>, Refusal> {
         // The admission id is ours, never the client's `X-Request-Id`: usage replays an admission with a
         // known id without charging, so a client-chosen id reused on purpose would buy many upstream calls
@@ -192,7 +256,7 @@ impl Gateway {
         let admission_id = Uuid::new_v4().to_string();
         let admission = Admission {
             id: &admission_id,
-            entitlement,
+            entitlement: entitlement.as_ref(),
             units: route.price,
         };
         let outcome = match self.backends.admit(&admission).await {
@@ -207,16 +271,23 @@ impl Gateway {
         };
         let rate_limit = rate_limit_headers(entitlement, &outcome);
         match outcome.decision {
-            AdmissionDecision::Admitted => Ok(Terms::Paid(Box::new(Paid {
-                charge: Charge {
-                    backends: &self.backends,
-                    customer_id: entitlement.customer_id.clone(),
-                    admission_id,
-                    settled: false,
-                },
-                outcome,
-                rate_limit,
-            }))),
+            AdmissionDecision::Admitted => {
+                if let Some(lessor) = &self.lessor {
+                    lessor.admitted(entitlement, u64::try_from(route.price).unwrap_or(0));
+                }
+                metrics::counter!("paygate_gateway_admissions_total", "via" => "usage")
+                    .increment(1);
+                Ok(Terms::Paid(Box::new(Paid {
+                    charge: Charge {
+                        taken_from: TakenFrom::Usage(&self.backends),
+                        customer_id: entitlement.customer_id.clone(),
+                        admission_id,
+                        settled: false,
+                    },
+                    outcome,
+                    rate_limit,
+                })))
+            }
             AdmissionDecision::RateLimited { retry_after_ms } => {
                 let seconds = retry_after_ms.div_ceil(1000).max(1);
                 let limits = &entitlement.limits;
@@ -272,6 +343,20 @@ impl Gateway {
             tracing::warn!(route = %route.prefix, suppressed, "forwarding without a decision (failure_mode = open)");
         }
         Ok(())
+    }
+}
+
+/// Returns the figures an admission from a lease answers with: those of the grant, less what this
+/// gateway spent from the lease since (docs/leases.md, "What the headers say under leases").
+fn outcome_from_lease(spend: &LeaseSpend) -> AdmissionOutcome {
+    let figures = spend.lease.figures_after(&spend.spent);
+    AdmissionOutcome {
+        decision: AdmissionDecision::Admitted,
+        quota_used: figures.quota_used,
+        quota_limit: figures.quota_limit,
+        quota_resets_at: figures.quota_resets_at.map(OffsetDateTime::from),
+        credits_taken_micros: i64::try_from(spend.spent.credit_micros).unwrap_or(i64::MAX),
+        credits_remaining_micros: figures.credits_remaining_micros,
     }
 }
 

@@ -164,6 +164,15 @@ enum Stream {
     Down { since: Instant },
 }
 
+/// A change in billing that what this gateway holds for customers (leases) must follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Changed<'a> {
+    /// The customer's plan, status or credits changed.
+    Customer(&'a str),
+    /// Billing cannot say what changed: anything may have.
+    Everyone,
+}
+
 /// Cached entitlements, kept honest by billing's change stream.
 #[derive(Clone)]
 pub struct EntitlementCache {
@@ -306,13 +315,17 @@ impl EntitlementCache {
 
     /// Follows billing's change stream until `stop` is cancelled, evicting what changes, reconnecting with
     /// backoff (and resuming after the last sequence seen) when it drops.
-    pub async fn follow_changes(self, stop: CancellationToken) {
+    pub async fn follow_changes(
+        self,
+        stop: CancellationToken,
+        on_change: impl Fn(Changed<'_>) + Send + Sync + 'static,
+    ) {
         let mut cursor = 0_i64;
         let mut backoff = Duration::from_millis(50);
         loop {
             let followed = tokio::select! {
                 () = stop.cancelled() => return,
-                followed = self.follow_once(&mut cursor) => followed,
+                followed = self.follow_once(&mut cursor, &on_change) => followed,
             };
             if self.stream_up() {
                 // Entries stay: they were current until now and are refreshed from billing within a second
@@ -344,7 +357,11 @@ impl EntitlementCache {
         }
     }
 
-    async fn follow_once(&self, cursor: &mut i64) -> Result<(), tonic::Status> {
+    async fn follow_once(
+        &self,
+        cursor: &mut i64,
+        on_change: &(impl Fn(Changed<'_>) + Send + Sync),
+    ) -> Result<(), tonic::Status> {
         let mut stream = self
             .backends
             .billing()
@@ -375,9 +392,18 @@ impl EntitlementCache {
                         self.cache.invalidate(&digest).await;
                     }
                 }
-                Some(Change::CustomerChanged(change)) => self.evict_customer(change.customer_id),
-                Some(Change::CreditsChanged(_) | Change::Heartbeat(_)) | None => {}
-                Some(Change::Reset(_)) => self.cache.invalidate_all(),
+                Some(Change::CustomerChanged(change)) => {
+                    on_change(Changed::Customer(&change.customer_id));
+                    self.evict_customer(change.customer_id);
+                }
+                Some(Change::CreditsChanged(change)) => {
+                    on_change(Changed::Customer(&change.customer_id));
+                }
+                Some(Change::Heartbeat(_)) | None => {}
+                Some(Change::Reset(_)) => {
+                    on_change(Changed::Everyone);
+                    self.cache.invalidate_all();
+                }
             }
             *cursor = event.sequence.max(*cursor);
         }

@@ -7,7 +7,7 @@ use std::{
     collections::HashMap,
     sync::{
         Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant, SystemTime},
 };
@@ -129,6 +129,8 @@ pub struct Lease {
     capacity: u64,
     /// Packed: the closed mark, the index of the next slot that may be used, and the units spent.
     state: AtomicU64,
+    /// Set once usage has taken the lease's return: refunds against it may go to usage from then on.
+    returned: AtomicBool,
 }
 
 impl Lease {
@@ -144,6 +146,7 @@ impl Lease {
             received_at: received_at.max(asked_at),
             capacity,
             state: AtomicU64::new(0),
+            returned: AtomicBool::new(false),
         }
     }
 
@@ -253,6 +256,16 @@ impl Lease {
             units_spent: closed & SPENT_MASK,
             first_unused_slot: slot_index(closed),
         }
+    }
+
+    /// Records that usage has taken this lease's return.
+    pub fn mark_returned(&self) {
+        self.returned.store(true, Ordering::Release);
+    }
+
+    /// Tells whether usage has taken this lease's return (late refunds against it can be applied).
+    pub fn is_returned(&self) -> bool {
+        self.returned.load(Ordering::Acquire)
     }
 
     pub fn is_closed(&self) -> bool {
@@ -674,6 +687,18 @@ impl LeaseBook {
         }
     }
 
+    /// Ends the ask of `ticket` without a lease and asks for none for its customer before `until`: usage
+    /// answered empty (the customer is near exhaustion, or its plan cannot be leased) or failed, and asking
+    /// again at once would cost a call per request.
+    pub fn decline(&self, ticket: &AskTicket, until: Instant) {
+        if let Some(entry) = self.write().customers.get_mut(&ticket.customer_id)
+            && entry.asking == Some(ticket.epoch)
+        {
+            entry.asking = None;
+            entry.cool_down_until = Some(entry.cool_down_until.map_or(until, |at| at.max(until)));
+        }
+    }
+
     /// Puts `lease`, granted under `ticket`, in use for its customer and returns what must go back to
     /// usage: the lease it replaces, or `lease` itself when the ticket was overtaken by a recall, a change
     /// or shutdown.
@@ -732,6 +757,25 @@ impl LeaseBook {
             .values_mut()
             .filter_map(Entry::take_out)
             .collect()
+    }
+
+    /// Takes out every lease for return, and lets grants in flight be returned when they arrive; leases
+    /// may be asked for again afterwards (billing lost track of changes, or recalls cannot reach us).
+    pub fn take_every_lease(&self) -> Vec<LeaseToReturn> {
+        self.write()
+            .customers
+            .values_mut()
+            .filter_map(Entry::take_out)
+            .collect()
+    }
+
+    /// Returns how many customers hold a lease now.
+    pub fn leases_held(&self) -> usize {
+        self.read()
+            .customers
+            .values()
+            .filter(|entry| entry.lease.is_some())
+            .count()
     }
 
     /// Takes out the leases that can no longer be spent at `now` (deadline passed, or every unit or slot

@@ -13,6 +13,8 @@
 //! - `connections`: head and idle deadlines per connection, the connection limit, accept back-off
 //! - `framing`: the connection guard that finds requests framed two ways, and the framing check per request
 //! - `decision`: framing → key → entitlement → standing → admission, ending in a verdict or a refusal
+//! - `leases`: leases held in memory and spent without a network call (the arithmetic)
+//! - `lessor`: asking usage for leases, returning them, following recalls
 //! - `upstream`: forwarding a decided request and streaming the answer back
 //! - `error`: `Refusal`, the one place a request the gateway does not forward becomes its answer
 //! - `proxy`: `handle`, the path of one request: decide → forward → settle
@@ -30,6 +32,7 @@ pub mod error;
 pub mod framing;
 pub mod headers;
 pub mod leases;
+pub mod lessor;
 pub mod problem;
 pub mod proxy;
 pub mod readiness;
@@ -85,6 +88,7 @@ pub fn gateway(
     table: routes::RouteTable,
     backends: backends::Backends,
     stats_interval: Duration,
+    leases: config::Leases,
 ) -> Arc<Gateway> {
     // Every series exists from the start, so Prometheus' rate() sees the first event as an increase.
     register_route_series(&table);
@@ -103,6 +107,7 @@ pub fn gateway(
             .increment(0);
     }
     let stale_for = file.entitlements_stale_for();
+    let backends_for_leases = backends.clone();
     Arc::new(Gateway {
         routes: RwLock::new(Arc::new(table)),
         file,
@@ -112,6 +117,12 @@ pub fn gateway(
         degraded_passes: std::sync::Mutex::new(std::collections::HashMap::new()),
         stats: stats::CustomerStats::default(),
         stats_interval,
+        lessor: (leases == config::Leases::On).then(|| {
+            Arc::new(lessor::Lessor::new(
+                backends_for_leases,
+                leases::Sizing::default(),
+            ))
+        }),
     })
 }
 
@@ -207,7 +218,30 @@ pub async fn serve_with_tls(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
-    let follower = tokio::spawn(gateway.cache.clone().follow_changes(stop.clone()));
+    let follower = {
+        let lessor = gateway.lessor.clone();
+        tokio::spawn(
+            gateway
+                .cache
+                .clone()
+                .follow_changes(stop.clone(), move |changed| {
+                    if let Some(lessor) = &lessor {
+                        match changed {
+                            entitlements::Changed::Customer(customer_id) => {
+                                lessor.customer_changed(customer_id)
+                            }
+                            entitlements::Changed::Everyone => lessor.everyone_changed(),
+                        }
+                    }
+                }),
+        )
+    };
+    // Stopped after the drain, like the follower: requests finishing during it still spend and refund
+    // from leases; then every lease still held is returned.
+    let lessor = gateway
+        .lessor
+        .clone()
+        .map(|lessor| tokio::spawn(lessor.run(stop.clone())));
     let certificate_watch = tls
         .clone()
         .map(|tls| tokio::spawn(tls.watch(tls::CERTIFICATE_CHECK_INTERVAL, stop.clone())));
@@ -312,6 +346,9 @@ pub async fn serve_with_tls(
     }
     stop.cancel();
     let _ = follower.await;
+    if let Some(lessor) = lessor {
+        let _ = lessor.await;
+    }
     if let Some(watch) = certificate_watch {
         let _ = watch.await;
     }

@@ -84,8 +84,14 @@ async fn run(config: gateway::Config) -> anyhow::Result<()> {
                 config.listen_addr
             )
         })?;
-    tracing::info!(addr = %config.listen_addr, routes = table.routes().len(), https = tls.is_some(), "gateway listening");
-    let gateway = gateway::gateway(file, table, backends, config.stats_interval());
+    tracing::info!(addr = %config.listen_addr, routes = table.routes().len(), https = tls.is_some(), leases = ?config.leases, "gateway listening");
+    let gateway = gateway::gateway(
+        file,
+        table,
+        backends,
+        config.stats_interval(),
+        config.leases,
+    );
     reload_on_hangup(gateway.clone(), routes_path, tls.clone())?;
     gateway::serve_with_tls(listener, gateway, tls, shutdown_signal()).await
 }

@@ -57,6 +57,8 @@ pub struct Gateway {
     pub stats: CustomerStats,
     /// How often they are reported.
     pub stats_interval: std::time::Duration,
+    /// This gateway's leases; `None` with `GATEWAY_LEASES=off` (every request admitted by usage).
+    pub lessor: Option<Arc<crate::lessor::Lessor>>,
 }
 
 /// Returns a body of `bytes`, sent whole.

@@ -51,6 +51,18 @@ fn describe_gateway() {
         "paygate_gateway_degraded_passes_total",
         "Requests forwarded unmetered on a failure_mode = open route during an outage"
     );
+    describe_counter!(
+        "paygate_gateway_admissions_total",
+        "Requests admitted, by where: from a lease held in memory (lease) or by a call to usage (usage)"
+    );
+    describe_counter!(
+        "paygate_gateway_lease_events_total",
+        "Lease events at this gateway: granted, empty (usage granted nothing), failed, returned, recalled, written_off"
+    );
+    describe_gauge!(
+        "paygate_gateway_leases_held",
+        "Customers this gateway holds a lease for now"
+    );
     describe_gauge!(
         "paygate_gateway_connections_open",
         "Client connections open now"

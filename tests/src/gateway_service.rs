@@ -126,11 +126,21 @@ pub async fn spawn_gateway(
 }
 
 /// Starts a gateway asking billing and usage at the given addresses (which may be anything, such as a
-/// listener that never answers).
+/// listener that never answers), with leases on (the default).
 pub async fn spawn_gateway_at(
     billing: SocketAddr,
     usage: SocketAddr,
     routes: &str,
+) -> GatewayInstance {
+    spawn_gateway_leasing(billing, usage, routes, gateway::config::Leases::On).await
+}
+
+/// Starts a gateway like [`spawn_gateway_at`], with leases `on` or off (`GATEWAY_LEASES`).
+pub async fn spawn_gateway_leasing(
+    billing: SocketAddr,
+    usage: SocketAddr,
+    routes: &str,
+    leases: gateway::config::Leases,
 ) -> GatewayInstance {
     let (file, table) = gateway::routes::parse_routes_file(routes)
         .unwrap_or_else(|error| panic!("bad routes: {error}"));
@@ -151,7 +161,7 @@ pub async fn spawn_gateway_at(
     let shutdown = async move {
         let _ = stopped.await;
     };
-    let gateway = gateway::gateway(file, table, backends, TEST_STATS_INTERVAL);
+    let gateway = gateway::gateway(file, table, backends, TEST_STATS_INTERVAL, leases);
     let serve = gateway::serve(listener, gateway, shutdown);
     let task = tokio::spawn(async move { serve.await.map_err(|error| format!("{error:#}")) });
     GatewayInstance { addr, stop, task }

@@ -37,7 +37,13 @@ impl TestGateway {
             proto::auth::BearerToken::new(token).expect("a valid token"),
             Duration::from_secs(3),
         );
-        let gateway = gateway::gateway(file, table, backends, Duration::from_secs(60));
+        let gateway = gateway::gateway(
+            file,
+            table,
+            backends,
+            Duration::from_secs(60),
+            gateway::config::Leases::On,
+        );
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("address");
         let (stop, stopped) = oneshot::channel::<()>();

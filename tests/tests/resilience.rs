@@ -194,7 +194,13 @@ impl Gateway {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("an address");
         let (stop, stopped) = oneshot::channel::<()>();
-        let gateway = gateway::gateway(file, table, backends, Duration::from_secs(60));
+        let gateway = gateway::gateway(
+            file,
+            table,
+            backends,
+            Duration::from_secs(60),
+            gateway::config::Leases::On,
+        );
         tokio::spawn(gateway::serve(listener, gateway, async move {
             let _ = stopped.await;
         }));

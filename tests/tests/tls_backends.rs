@@ -182,7 +182,13 @@ impl Stack {
         stops.push(stop);
         tokio::spawn(gateway::serve(
             gateway_listener,
-            gateway::gateway(file, table, backends.clone(), Duration::from_secs(60)),
+            gateway::gateway(
+                file,
+                table,
+                backends.clone(),
+                Duration::from_secs(60),
+                gateway::config::Leases::On,
+            ),
             async move {
                 let _ = stopped.await;
             },

@@ -245,7 +245,13 @@ async fn spawn_tls_gateway(
         .expect("failed to bind the gateway");
     let addr = listener.local_addr().expect("an address");
     let (stop, stopped) = oneshot::channel::<()>();
-    let gateway = gateway::gateway(file, table, backends, Duration::from_millis(50));
+    let gateway = gateway::gateway(
+        file,
+        table,
+        backends,
+        Duration::from_millis(50),
+        gateway::config::Leases::On,
+    );
     let serve = gateway::serve_with_tls(listener, gateway, Some(tls), async move {
         let _ = stopped.await;
     });
