@@ -491,10 +491,9 @@ impl Backends {
     /// Opens the stream of recalls of `holder`'s leases. Usage registers the holder before it answers, so
     /// once this returns no recall of its leases is missed while the stream stays up.
     pub async fn watch_recalls(&self, holder: Uuid) -> Result<Recalls, BackendError> {
-        let mut request = Request::new(usage_pb::WatchRecallsRequest {
+        let request = Request::new(usage_pb::WatchRecallsRequest {
             holder_id: holder.to_string(),
         });
-        request.set_timeout(Duration::from_secs(365 * 24 * 3600));
         let opened =
             tokio::time::timeout(self.deadline, self.usage.clone().watch_recalls(request)).await;
         match opened {

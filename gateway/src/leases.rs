@@ -1375,6 +1375,50 @@ mod tests {
     }
 
     #[test]
+    fn a_declined_ask_waits_until_the_pause_ends_before_asking_again() {
+        let (book, now) = hot_book(Instant::now());
+        let ticket = book.begin_ask("customer-1", now).expect("hot");
+
+        book.decline(&ticket, now + 500 * MS);
+        let during = book.begin_ask("customer-1", now + 499 * MS);
+        book.record_admission("customer-1", 1, now + 500 * MS);
+        let after = book.begin_ask("customer-1", now + 500 * MS);
+
+        assert_eq!(during, None);
+        assert!(after.is_some());
+    }
+
+    #[test]
+    fn a_stale_decline_does_not_end_a_newer_ask() {
+        let (book, now) = hot_book(Instant::now());
+        let stale = book.begin_ask("customer-1", now).expect("hot");
+        book.take_customer("customer-1");
+        let current = book.begin_ask("customer-1", now + MS).expect("asked again");
+
+        book.decline(&stale, now + 500 * MS);
+        let returned = book.install(&current, lease(grant(100, 0, None), now + MS, MS));
+
+        assert!(returned.is_empty());
+        assert!(book.spend("customer-1", 1, now + 2 * MS).is_some());
+    }
+
+    #[test]
+    fn taking_every_lease_keeps_the_book_open_for_new_asks() {
+        let (book, now) = hot_book(Instant::now());
+        let ticket = book.begin_ask("customer-1", now).expect("hot");
+        book.install(&ticket, lease(grant(100, 0, None), now, MS));
+        book.spend("customer-1", 4, now + MS).expect("leased");
+
+        let returned = book.take_every_lease();
+        let next = book.begin_ask("customer-1", now + 2 * MS);
+
+        assert_eq!(returned.len(), 1);
+        assert_eq!(returned[0].closing.units_spent, 4);
+        assert_eq!(book.leases_held(), 0);
+        assert!(next.is_some());
+    }
+
+    #[test]
     fn leases_past_their_deadline_are_taken_out_for_return() {
         let (book, now) = hot_book(Instant::now());
         let ticket = book.begin_ask("customer-1", now).expect("hot");
