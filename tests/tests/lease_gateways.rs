@@ -501,7 +501,8 @@ async fn lease_settlement(prefix: &str, customer_id: &str, lease_id: &str) -> Op
 }
 
 /// Drives `targets` with `concurrency` requests at a time until usage shows leases of the customer held
-/// by `holders` distinct holders with units in them (or 10 s pass); returns the replies.
+/// by `holders` distinct holders with units in them and some admission was taken from a lease (or 10 s
+/// pass); returns the replies.
 async fn drive_until_leases_are_held(
     client: &HttpClient,
     targets: Vec<String>,
@@ -510,6 +511,7 @@ async fn drive_until_leases_are_held(
     holders: usize,
     concurrency: usize,
 ) -> Vec<Reply> {
+    let from_leases_before = lease_admissions();
     let load = Load::new(targets, &customer.secret, usize::MAX, concurrency);
     let stop = load.stop.clone();
     let running = tokio::spawn({
@@ -517,21 +519,23 @@ async fn drive_until_leases_are_held(
         async move { load.run(&client, |_| false).await }
     });
     let held = eventually(Duration::from_secs(10), true, async || {
+        let spent_from_leases = lease_admissions() > from_leases_before;
         let leases = outstanding_leases(prefix, &customer.id).await;
-        leases
-            .values()
-            .filter(|lease| lease.quota_units + lease.credit_units > 0)
-            .map(|lease| lease.holder.clone())
-            .collect::<BTreeSet<_>>()
-            .len()
-            >= holders
+        spent_from_leases
+            && leases
+                .values()
+                .filter(|lease| lease.quota_units + lease.credit_units > 0)
+                .map(|lease| lease.holder.clone())
+                .collect::<BTreeSet<_>>()
+                .len()
+                >= holders
     })
     .await;
     stop.store(true, Ordering::Release);
     let replies = running.await.expect("the load");
     assert!(
         held,
-        "{holders} gateways never held leases: {:?}",
+        "{holders} gateways never held and spent leases: {:?}",
         tally(&replies)
     );
     replies
