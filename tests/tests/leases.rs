@@ -818,7 +818,7 @@ async fn a_lease_asked_through_the_gateways_client_is_spent_locally_and_billed_o
     assert_eq!(grant.quota_units, 50, "half of the 100 free units");
     assert_eq!(spent, 7);
     assert_eq!(closing.units_spent, 7);
-    assert_eq!(outcomes, vec![LeaseOutcome::Returned]);
+    assert_eq!(outcomes, vec![gateway::backends::ReturnOutcome::Returned]);
     assert_eq!(used, 7);
     assert_eq!(billed(&billing, &subscriber).await, (7, 0));
 }
