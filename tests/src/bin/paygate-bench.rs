@@ -2105,3 +2105,80 @@ impl Report<'_> {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metric_sum_adds_the_samples_whose_labels_match() {
+        let text = "# HELP paygate_gateway_admissions_total Admissions.\n\
+                    # TYPE paygate_gateway_admissions_total counter\n\
+                    paygate_gateway_admissions_total{via=\"lease\"} 90\n\
+                    paygate_gateway_admissions_total{via=\"usage\"} 10\n\
+                    paygate_gateway_admissions_total_other{via=\"lease\"} 5\n\
+                    paygate_usage_leases_recalled_total 3\n";
+        let via = |via| metric_sum(text, "paygate_gateway_admissions_total", &[("via", via)]);
+        assert_eq!(via("lease"), 90.0);
+        assert_eq!(via("usage"), 10.0);
+        assert_eq!(
+            metric_sum(text, "paygate_gateway_admissions_total", &[]),
+            100.0
+        );
+        assert_eq!(
+            metric_sum(text, "paygate_usage_leases_recalled_total", &[]),
+            3.0
+        );
+        assert_eq!(metric_sum(text, "paygate_absent_total", &[]), 0.0);
+    }
+
+    fn answer(gateway: usize, sent_ms: f64, latency_ms: f64, status: u16) -> Answered {
+        Answered {
+            gateway,
+            sent_us: sent_ms * 1e3,
+            answered_us: (sent_ms + latency_ms) * 1e3,
+            status,
+        }
+    }
+
+    #[test]
+    fn a_recall_trial_times_the_first_recall_to_the_nth_admission_and_counts_who_waited() {
+        let mut answers = vec![
+            // Before the recall: A at 1 ms, B at 2 ms.
+            answer(0, 0.0, 1.0, 200),
+            answer(0, 1.0, 1.0, 200),
+            answer(1, 0.0, 2.0, 200),
+            // From the recall (seen between 10 and 12 ms) on: A waits 80 ms, B 60 ms, one A fast.
+            answer(0, 11.0, 80.0, 200),
+            answer(1, 11.0, 60.0, 200),
+            answer(0, 11.5, 1.0, 200),
+            // The quota (6) is gone: refusals.
+            answer(0, 95.0, 1.0, 402),
+            answer(1, 100.0, 1.0, 402),
+        ];
+        answers.sort_by(|a, b| a.answered_us.total_cmp(&b.answered_us));
+        let trial = RecallTrial {
+            quota: 6,
+            answers,
+            first_recall_us: Some((10_000.0, 12_000.0)),
+            usage_recalls: 1.0,
+            gateways: [Admissions::default(); 2],
+            limit_reached: false,
+            units_used_in_usage: 6,
+        };
+        assert_eq!(trial.admitted(None), 6);
+        assert_eq!(trial.nth_admission_us(), Some(91_000.0));
+        assert_eq!(trial.window_us(), Some(79_000.0));
+        assert_eq!(trial.waited(0), 1);
+        assert_eq!(trial.waited(1), 1);
+        assert_eq!(trial.refusals_before_nth(), 0);
+        assert_eq!(trial.slow_gateway_latency(), (2_000.0, 60_000.0));
+        assert!(trial.exact());
+
+        let short = RecallTrial {
+            units_used_in_usage: 7,
+            ..trial
+        };
+        assert!(!short.exact(), "usage disagreeing is a failed check");
+    }
+}
