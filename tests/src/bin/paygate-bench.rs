@@ -1425,11 +1425,22 @@ impl RecallTrial {
     /// Refusals answered before the N-th admission was (a refusal decided just after it can be answered
     /// just before it, so a few are possible without a false refusal; many are not).
     fn refusals_before_nth(&self) -> u64 {
+        self.early_refusals().count() as u64
+    }
+
+    fn early_refusals(&self) -> impl Iterator<Item = &Answered> {
         let until = self.nth_admission_us().unwrap_or(f64::INFINITY);
         self.answers
             .iter()
-            .filter(|answer| answer.status == 402 && answer.answered_us < until)
-            .count() as u64
+            .filter(move |answer| answer.status == 402 && answer.answered_us < until)
+    }
+
+    /// When the first refusal was answered, µs since the start.
+    fn first_refusal_us(&self) -> Option<f64> {
+        self.answers
+            .iter()
+            .find(|answer| answer.status == 402)
+            .map(|answer| answer.answered_us)
     }
 
     /// Latencies of gateway B's requests (µs): median of those answered before the first recall, and the
@@ -1480,6 +1491,8 @@ impl RecallTrial {
             "waited": {"a": self.waited(0), "b": self.waited(1)},
             "waited_threshold_us": {"a": self.waited_threshold_us(0), "b": self.waited_threshold_us(1)},
             "refusals_before_nth_admission": self.refusals_before_nth(),
+            "refusals_before_nth_admission_b": self.early_refusals().filter(|answer| answer.gateway == 1).count(),
+            "first_refusal_us": self.first_refusal_us(),
             "b_latency_us": {"p50_before_recall": b_before, "max_from_recall": b_after},
             "usage_leases_recalled": self.usage_recalls,
             "gateway_a": {"via_lease": self.gateways[0].via_lease, "via_usage": self.gateways[0].via_usage, "recalls_received": self.gateways[0].recalled},
@@ -1986,7 +1999,7 @@ impl Report<'_> {
                 trial.gateways[0].recalled
             );
             println!(
-                "    B: {} requests, latency p50 before the recall {}, max from it on {}; A admitted {:.0} from leases, {:.0} per request; 402s answered before the N-th admission {}",
+                "    B: {} requests, latency p50 before the recall {}, max from it on {}; A admitted {:.0} from leases, {:.0} per request; 402s answered before the N-th admission {} (B {}), the first 402 at {}",
                 trial
                     .answers
                     .iter()
@@ -1996,7 +2009,12 @@ impl Report<'_> {
                 millis(Some(b_after).filter(|us| !us.is_nan())),
                 trial.gateways[0].via_lease,
                 trial.gateways[0].via_usage,
-                trial.refusals_before_nth()
+                trial.refusals_before_nth(),
+                trial
+                    .early_refusals()
+                    .filter(|answer| answer.gateway == 1)
+                    .count(),
+                millis(trial.first_refusal_us())
             );
         }
         let windows = median(self.recalls.iter().filter_map(RecallTrial::window_us));
