@@ -731,26 +731,48 @@ impl Throughput {
         self.requests as f64 / self.seconds
     }
 
+    /// Notes the run when an answer was not 2xx or a socket failed. Not a panic: on a busy machine a
+    /// billing call can miss the gateway's deadline (a 503), and one such answer must not lose every
+    /// other figure of the run; the note is printed with them.
     fn expect_all_ok(self, what: &str) -> Self {
-        assert!(
-            self.not_ok == 0 && self.socket_errors == 0,
-            "{what}: {} answers were not 2xx and {} socket errors happened",
-            self.not_ok,
-            self.socket_errors
-        );
+        if self.not_ok != 0 || self.socket_errors != 0 {
+            note_unexpected(format!(
+                "{what}: {} of {} answers were not 2xx, {} socket errors",
+                self.not_ok, self.requests, self.socket_errors
+            ));
+        }
         self
     }
 
     fn expect_none_ok(self, what: &str) -> Self {
-        assert!(
-            self.not_ok == self.requests && self.socket_errors == 0,
-            "{what}: {} of {} answers were 2xx, {} socket errors",
-            self.requests - self.not_ok,
-            self.requests,
-            self.socket_errors
-        );
+        if self.not_ok != self.requests || self.socket_errors != 0 {
+            note_unexpected(format!(
+                "{what}: {} of {} answers were 2xx, {} socket errors",
+                self.requests - self.not_ok,
+                self.requests,
+                self.socket_errors
+            ));
+        }
         self
     }
+}
+
+/// Runs whose answers were not all what the phase expects (their figures include those answers).
+static UNEXPECTED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+fn note_unexpected(what: String) {
+    eprintln!("paygate-bench: unexpected answers in {what}");
+    UNEXPECTED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push(what);
+}
+
+fn unexpected() -> Vec<String> {
+    UNEXPECTED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone()
 }
 
 struct Load<'a> {
@@ -1900,6 +1922,13 @@ impl Report<'_> {
             if pair_ratio >= 0.6 { "yes" } else { "NO" }
         );
 
+        let unexpected = unexpected();
+        if !unexpected.is_empty() {
+            println!("\nruns with unexpected answers (counted in their figures):");
+            for what in &unexpected {
+                println!("  {what}");
+            }
+        }
         let failed = self.failed_checks();
         if failed.is_empty() {
             println!("\nexactness checks: all held");
@@ -2120,6 +2149,7 @@ impl Report<'_> {
                 "met": target.met,
             })).collect::<Vec<_>>(),
             "failed_checks": self.failed_checks(),
+            "unexpected_answers": unexpected(),
         })
     }
 }
