@@ -1403,9 +1403,12 @@ impl RecallTrial {
             .map(|answer| answer.answered_us)
     }
 
-    /// From the first recall (the later bound of when it was seen) to the N-th admission, in µs.
-    fn window_us(&self) -> Option<f64> {
-        Some(self.nth_admission_us()? - self.first_recall_us?.1)
+    /// From the first recall to the N-th admission, in µs: at least and at most (the recall is known only
+    /// to lie between two scrapes).
+    fn window_us(&self) -> Option<(f64, f64)> {
+        let nth = self.nth_admission_us()?;
+        let (after, by) = self.first_recall_us?;
+        Some((nth - by, nth - after))
     }
 
     /// The latency above which a request of `gateway` counts as having waited for a recall.
@@ -1509,7 +1512,7 @@ impl RecallTrial {
             "limit_reached": self.limit_reached,
             "first_recall_us": self.first_recall_us.map(|(from, to)| json!({"after": from, "by": to})),
             "nth_admission_us": self.nth_admission_us(),
-            "first_recall_to_nth_admission_us": self.window_us(),
+            "first_recall_to_nth_admission_us": self.window_us().map(|(at_least, at_most)| json!({"at_least": at_least, "at_most": at_most})),
             "waited": {"a": self.waited(0), "b": self.waited(1)},
             "waited_threshold_us": {"a": self.waited_threshold_us(0), "b": self.waited_threshold_us(1)},
             "refusals_before_nth_admission": self.refusals_before_nth(),
@@ -2006,12 +2009,20 @@ impl Report<'_> {
             );
             match trial.first_recall_us {
                 Some((after, by)) => println!(
-                    "    first recall at {} (seen between {} and {}); N-th admission at {}: {} from the first recall to the N-th admission",
-                    millis(Some(by)),
+                    "    first recall between {} and {}; N-th admission at {}: {}",
                     millis(Some(after)),
                     millis(Some(by)),
                     millis(trial.nth_admission_us()),
-                    millis(trial.window_us())
+                    match trial.window_us() {
+                        Some((_, at_most)) if at_most < 0.0 =>
+                            "the first recall came after the N-th admission".to_owned(),
+                        Some((at_least, at_most)) => format!(
+                            "from the first recall to the N-th admission at most {} (at least {})",
+                            millis(Some(at_most)),
+                            millis(Some(at_least.max(0.0)))
+                        ),
+                        None => "fewer than N admitted".to_owned(),
+                    }
                 ),
                 None => println!(
                     "    no recall happened (usage's recall counter did not rise); N-th admission at {}",
@@ -2046,9 +2057,13 @@ impl Report<'_> {
                 millis(trial.first_refusal_us())
             );
         }
-        let windows = median(self.recalls.iter().filter_map(RecallTrial::window_us));
+        let windows = median(
+            self.recalls
+                .iter()
+                .filter_map(|trial| Some(trial.window_us()?.1)),
+        );
         println!(
-            "  median from the first recall to the N-th admission: {}",
+            "  median from the first recall to the N-th admission (at most): {}",
             millis(Some(windows).filter(|us| !us.is_nan()))
         );
     }
@@ -2216,7 +2231,7 @@ mod tests {
         };
         assert_eq!(trial.admitted(None), 6);
         assert_eq!(trial.nth_admission_us(), Some(91_000.0));
-        assert_eq!(trial.window_us(), Some(79_000.0));
+        assert_eq!(trial.window_us(), Some((79_000.0, 81_000.0)));
         assert_eq!(trial.waited(0), 1);
         assert_eq!(trial.waited(1), 1);
         assert_eq!(trial.refusals_before_nth(), 0);
