@@ -267,10 +267,11 @@ pub struct ServiceSpec {
     worker_threads: Option<usize>,
 }
 
-/// A service process and the port it listens on.
+/// A service process, the port it listens on and the port it serves `/metrics` on.
 pub struct RunningService {
     pub process: Process,
     pub port: u16,
+    pub metrics_port: u16,
 }
 
 impl ServiceSpec {
@@ -316,7 +317,13 @@ impl ServiceSpec {
         for _ in 0..START_ATTEMPTS {
             let (port, metrics_port) = (pick_port(), pick_port());
             match self.start_on_ports(port, metrics_port).await {
-                Ok(process) => return RunningService { process, port },
+                Ok(process) => {
+                    return RunningService {
+                        process,
+                        port,
+                        metrics_port,
+                    };
+                }
                 Err(error) => last_error = Some(error),
             }
         }
@@ -348,6 +355,9 @@ impl ServiceSpec {
             );
         let mut process = Process::spawn(self.name, command);
         process.wait_until_listening(port).await?;
+        // The services bind their metrics port before their API port, so this only fails when another
+        // process shares the metrics port; the benchmark reads figures from it, so that start is retried.
+        process.wait_until_listening(metrics_port).await?;
         Ok(process)
     }
 }
