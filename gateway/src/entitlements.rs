@@ -167,7 +167,7 @@ enum Stream {
 /// A change in billing that what this gateway holds for customers (leases) must follow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Changed<'a> {
-    /// The customer's plan, status or credits changed.
+    /// The customer's plan, status, keys or credits changed.
     Customer(&'a str),
     /// Billing cannot say what changed: anything may have.
     Everyone,
@@ -390,6 +390,11 @@ impl EntitlementCache {
                 Some(Change::KeyChanged(change)) => {
                     if let Ok(digest) = <[u8; 32]>::try_from(change.key_digest.as_slice()) {
                         self.cache.invalidate(&digest).await;
+                    }
+                    // A revoked key's customer may have been spending a lease through it: the lease goes
+                    // back at once rather than at its deadline.
+                    if !change.customer_id.is_empty() {
+                        on_change(Changed::Customer(&change.customer_id));
                     }
                 }
                 Some(Change::CustomerChanged(change)) => {
